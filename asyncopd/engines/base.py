@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]
+    logprobs: list[float]  # log-prob of each sampled token under the distribution it was sampled from
+    finish_reason: str
+
+
+@dataclass
+class SequenceScores:
+    """Per completion position: the scored model's log-prob of the sampled token and its top-K."""
+
+    sampled_logprobs: list[float]  # [L]
+    topk_ids: list[list[int]]  # [L][K], best first
+    topk_logprobs: list[list[float]]  # [L][K]
+
+
+class Engine(ABC):
+    """What rollout (generate) and teacher (score) code against. `version` is the policy version loaded."""
+
+    version: int = 0
+
+    @abstractmethod
+    def generate(self, prompts: list[list[int]], *, n: int, max_tokens: int, temperature: float,
+                 seeds: list[int]) -> list[list[Completion]]: ...
+
+    @abstractmethod
+    def score(self, prompts: list[list[int]], completions: list[list[int]], *, top_k: int) -> list[SequenceScores]:
+        """Log-probs at temperature 1 (the model's own distribution), whatever the sampling temperature."""
+
+    @abstractmethod
+    def load_weights(self, path: str, version: int) -> None:
+        """Swap in the weights in `path` (HF safetensors layout). Called between requests only."""
+
+    def close(self) -> None:
+        """Free the model."""

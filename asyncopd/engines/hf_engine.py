@@ -1,0 +1,80 @@
+"""HF transformers engine: the fallback where vLLM is not available, and a reference for vLLM's numbers."""
+
+from __future__ import annotations
+
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from asyncopd.engines.base import Completion, Engine, SequenceScores
+from asyncopd.weights import safetensors_files
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class HFEngine(Engine):
+    def __init__(self, model: str, *, device: str, dtype: str, seed: int) -> None:
+        self.device = torch.device(device)
+        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=DTYPES[dtype]).to(self.device).eval()
+        self.eos_id = AutoTokenizer.from_pretrained(model).eos_token_id
+        self.seed = seed
+
+    @torch.no_grad()
+    def generate(self, prompts, *, n, max_tokens, temperature, seeds):
+        out = []
+        for prompt, seed in zip(prompts, seeds, strict=True):
+            gen = torch.Generator(device=self.device).manual_seed(seed)
+            out.append(self._sample(prompt, n, max_tokens, temperature, gen))
+        return out
+
+    def _sample(self, prompt, n, max_tokens, temperature, gen) -> list[Completion]:
+        # A plain sampling loop with a KV cache: n copies of one prompt need no padding.
+        ids = torch.tensor([prompt] * n, device=self.device)
+        past, step_input = None, ids
+        tokens = torch.empty(n, 0, dtype=torch.long, device=self.device)
+        logps = torch.empty(n, 0, device=self.device)
+        done = torch.zeros(n, dtype=torch.bool, device=self.device)
+        for _ in range(max_tokens):
+            res = self.model(input_ids=step_input, past_key_values=past, use_cache=True)
+            past = res.past_key_values
+            logp = torch.log_softmax(res.logits[:, -1].float() / temperature, dim=-1)
+            nxt = torch.multinomial(logp.exp(), 1, generator=gen).squeeze(1)
+            tokens = torch.cat([tokens, nxt[:, None]], 1)
+            logps = torch.cat([logps, logp.gather(1, nxt[:, None])], 1)
+            done |= nxt == self.eos_id
+            if done.all():
+                break
+            step_input = nxt[:, None]
+        completions = []
+        for row, lp in zip(tokens.tolist(), logps.tolist(), strict=True):
+            stopped = self.eos_id in row
+            end = row.index(self.eos_id) + 1 if stopped else len(row)
+            completions.append(Completion(row[:end], lp[:end], "stop" if stopped else "length"))
+        return completions
+
+    @torch.no_grad()
+    def score(self, prompts, completions, *, top_k):
+        out = []
+        for prompt, completion in zip(prompts, completions, strict=True):
+            ids = torch.tensor([prompt + completion], device=self.device)
+            logits = self.model(input_ids=ids).logits[0].float()
+            # Position j of the completion is predicted by the logits one token earlier.
+            logp = torch.log_softmax(logits[len(prompt) - 1 : len(prompt) + len(completion) - 1], dim=-1)
+            target = torch.tensor(completion, device=self.device)
+            top = logp.topk(min(top_k, logp.shape[-1]), dim=-1)
+            out.append(SequenceScores(logp.gather(1, target[:, None]).squeeze(1).tolist(),
+                                      top.indices.tolist(), top.values.tolist()))
+        return out
+
+    def load_weights(self, path, version):
+        state = {}
+        for f in safetensors_files(path):
+            state.update(load_file(f, device=str(self.device)))
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        # Tied embeddings are saved once; anything else missing means the wrong checkpoint.
+        if unexpected or [m for m in missing if "lm_head" not in m]:
+            raise ValueError(f"weights at {path} do not match the model: missing={missing} unexpected={unexpected}")
+        self.version = version
+
+    def close(self):
+        del self.model

@@ -1,0 +1,64 @@
+"""vLLM engine through its public API: `LLM.generate`, prompt log-probs for scoring, `reload_weights`."""
+
+from __future__ import annotations
+
+import os
+
+from asyncopd.engines.base import Completion, Engine, SequenceScores
+
+
+class VLLMEngine(Engine):
+    def __init__(self, model: str, *, device: str, dtype: str, seed: int, max_model_len: int,
+                 kv_cache_bytes: int, gpu_memory_utilization: float) -> None:
+        # In-process engine core: 3 s to start instead of 27 s, and weights reload by path either way.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+        from vllm import LLM
+
+        kwargs = {"kv_cache_memory_bytes": kv_cache_bytes} if kv_cache_bytes else {
+            "gpu_memory_utilization": gpu_memory_utilization}
+        self.llm = LLM(model=model, dtype=dtype, seed=seed, max_model_len=max_model_len,
+                       enforce_eager=device == "cpu", logprobs_mode="processed_logprobs", **kwargs)
+
+    def generate(self, prompts, *, n, max_tokens, temperature, seeds):
+        from vllm import SamplingParams, TokensPrompt
+
+        params = [SamplingParams(n=n, max_tokens=max_tokens, temperature=temperature, logprobs=0, seed=s)
+                  for s in seeds]
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        result = []
+        for out in outputs:
+            result.append([
+                Completion(list(c.token_ids), [lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs, strict=True)],
+                           c.finish_reason or "")
+                for c in out.outputs
+            ])
+        return result
+
+    def score(self, prompts, completions, *, top_k):
+        from vllm import SamplingParams, TokensPrompt
+
+        params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=top_k)
+        seqs = [TokensPrompt(prompt_token_ids=p + c) for p, c in zip(prompts, completions, strict=True)]
+        outputs = self.llm.generate(seqs, params, use_tqdm=False)
+        result = []
+        for out, prompt, completion in zip(outputs, prompts, completions, strict=True):
+            positions = out.prompt_logprobs[len(prompt):]
+            sampled, ids, lps = [], [], []
+            for token, pos in zip(completion, positions, strict=True):
+                # Each position holds the top-K plus the actual token; rank orders them.
+                top = sorted((lp.rank, tid, lp.logprob) for tid, lp in pos.items() if lp.rank <= top_k)[:top_k]
+                sampled.append(pos[token].logprob)
+                ids.append([t for _, t, _ in top])
+                lps.append([v for _, _, v in top])
+            result.append(SequenceScores(sampled, ids, lps))
+        return result
+
+    def load_weights(self, path, version):
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": path})
+        # Without this, cached prefixes keep attention state computed by the old weights.
+        self.llm.reset_prefix_cache()
+        self.version = version
+
+    def close(self):
+        del self.llm

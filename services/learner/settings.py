@@ -1,0 +1,17 @@
+from pydantic import Field
+
+from asyncopd.settings import ServiceSettings
+
+
+class LearnerSettings(ServiceSettings):
+    """DeepSpeed learner. Env prefix ASYNCOPD_ (Helm: learner.config)."""
+
+    device: str = Field("cpu", pattern="^(cpu|cuda)$", description="cpu uses gloo, cuda uses NCCL.")
+    dtype: str = Field("float32", pattern="^(float32|bfloat16)$", description="Training dtype (bf16 on GPU).")
+    zero_stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage.")
+    consumer: str = Field("learner", description="Consumer name in the scored stream's group; stable across "
+                          "restarts so a restarted learner replays what it had not finished.")
+    read_count: int = Field(256, ge=1, description="Scored entries fetched per read.")
+    max_deliveries: int = Field(5, ge=1, description="Dead-letter a scored entry after this many deliveries.")
+    keep_versions: int = Field(2, ge=1, description="Published weight versions kept beyond the staleness budget.")
+    loss_chunk_tokens: int = Field(4096, ge=1, description="Completion positions per log-softmax chunk.")

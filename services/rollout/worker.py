@@ -1,0 +1,83 @@
+"""The rollout loop: prompts stream → student engine → rollouts stream, reloading weights between requests.
+
+A prompt entry carries `min_version`, the version fence the coordinator's admission control computed: the
+worker never generates it with older weights, so a sample is at most η versions stale when trained.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from asyncopd import state, streams
+from asyncopd.engine_service import EngineService
+from asyncopd.streams import PromptEntry, RolloutEntry
+from services.rollout import metrics
+from services.rollout.settings import RolloutSettings
+
+log = logging.getLogger(__name__)
+
+
+class RolloutWorker(EngineService):
+    role = "rollout"
+    stream = streams.PROMPTS
+    entry_type = PromptEntry
+
+    def __init__(self, settings: RolloutSettings, runtime) -> None:
+        super().__init__(settings, runtime, settings.max_batch_prompts)
+        self.weight_wait_s = settings.weight_wait_s
+
+    def model_name(self, job):
+        return job.spec.student.model
+
+    def sync_weights(self, at_least: int) -> None:
+        """Load the newest published version; wait for `at_least` if it is not published yet."""
+        deadline = time.monotonic() + self.weight_wait_s
+        while True:
+            latest = state.policy_version(self.r, self.job.id)
+            if latest > self.engine.version:
+                t0 = time.perf_counter()
+                self.engine.load_weights(state.weights_path(self.r, self.job.id, latest), latest)
+                metrics.RELOAD_SECONDS.observe(time.perf_counter() - t0)
+                self.rt.info["policy_version"] = latest
+            if self.engine.version >= at_least:
+                return
+            if time.monotonic() > deadline or self.rt.stop.is_set():
+                raise TimeoutError(f"policy version {at_least} not published within {self.weight_wait_s}s")
+            time.sleep(0.05)
+
+    def render(self, entry: PromptEntry) -> list[int]:
+        if entry.messages is not None:
+            return self.tokenizer.apply_chat_template(entry.messages, add_generation_prompt=True, tokenize=True,
+                                                      return_dict=False)
+        return self.tokenizer(entry.prompt)["input_ids"]
+
+    def handle(self, work):
+        self.sync_weights(max(e.min_version for _, e in work))
+        rendered = []
+        for msg, entry in work:
+            try:
+                rendered.append((msg, entry, self.render(entry)))
+            except Exception as exc:
+                self.consumer.dead_letter(msg, f"cannot render prompt: {exc}", entry)
+        if not rendered:
+            return
+        # Within a job only the seed differs between entries, so one engine call serves the whole batch.
+        first = rendered[0][1]
+        t0 = time.perf_counter()
+        results = self.engine.generate([ids for _, _, ids in rendered], n=first.n, max_tokens=first.max_tokens,
+                                       temperature=first.temperature, seeds=[e.seed for _, e, _ in rendered])
+        metrics.GENERATE_SECONDS.observe(time.perf_counter() - t0)
+        pipe = self.r.pipeline()
+        for (_, entry, prompt_ids), completions in zip(rendered, results, strict=True):
+            for i, c in enumerate(completions):
+                out = RolloutEntry(job_id=entry.job_id, batch=entry.batch, sample_id=f"{entry.prompt_id}-s{i}",
+                                   prompt_token_ids=prompt_ids, completion_token_ids=c.token_ids,
+                                   behavior_logprobs=c.logprobs, policy_version=self.engine.version,
+                                   finish_reason=c.finish_reason)
+                pipe.xadd(streams.ROLLOUTS, out.to_fields())
+                metrics.TOKENS.inc(len(c.token_ids))
+                metrics.SAMPLES.inc()
+        pipe.execute()
+        # Ack only once the rollouts are in Redis: a crash in between regenerates, and sample ids dedupe later.
+        self.consumer.ack([m.id for m, _, _ in rendered])
