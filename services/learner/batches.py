@@ -14,7 +14,7 @@ from collections import defaultdict
 
 import redis
 
-from asyncopd import streams
+from asyncopd import state, streams
 from asyncopd.streams import Message, ScoredEntry
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,9 @@ class BatchAssembler:
     def poll(self, next_batch: int, block_ms: int) -> None:
         messages = self.consumer.read(self.read_count, block_ms)
         for msg, entry in self.consumer.decode(messages, ScoredEntry):
-            if entry.job_id != self.job_id or entry.batch < next_batch:
+            if entry.job_id != self.job_id and state.is_active(self.r, entry.job_id):
+                self.consumer.replay_pending()  # a newer job's sample: leave it for that job's assembler
+            elif entry.job_id != self.job_id or entry.batch < next_batch:
                 self.skipped.append(msg.id)
             elif entry.sample_id in self.buffer[entry.batch]:
                 self.duplicates.append(msg.id)

@@ -105,7 +105,7 @@ def test_zero_loss_and_zero_gradient_when_student_matches_teacher(spec):
     loss, grad, metrics = loss_and_grad(build_objective(spec), z, batch)
     assert loss.abs().max() < 1e-12
     assert grad.abs().max() < 1e-12
-    assert all(v == v for v in metrics.values())  # no NaN
+    assert all(isinstance(v, float) and v == v for v in metrics.values())  # plain floats, no NaN
 
 
 @pytest.mark.parametrize("spec", [ForwardKLTopKSpec(tail=False), ReverseKLTopKSpec(tail=False)], ids=str)
@@ -155,6 +155,21 @@ def test_topk_with_tail_is_a_lower_bound_that_grows_to_the_exact_kl(kind):
     torch.testing.assert_close(with_tail[-1], exact)
     # the raw sum is no bound: it leaves [0, exact] for some K (so the checks above can fail)
     assert ((raw < -1e-6) | (raw > exact + 1e-6)).any()
+
+
+def test_forward_topk_tail_gradient_is_the_full_kl_gradient_on_the_support():
+    v, k = 30, 4
+    teacher = logits(6, v, seed=32).log_softmax(-1)
+    z = logits(6, v, seed=33)
+    batch = make_batch(teacher, teacher, k=k, generator=torch.Generator().manual_seed(0))
+    _, grad, _ = loss_and_grad(build_objective(ForwardKLTopKSpec()), z, batch)
+    _, raw_grad, _ = loss_and_grad(build_objective(ForwardKLTopKSpec(tail=False)), z, batch)
+    exact = z.softmax(-1) - teacher.exp()  # d KL(p_T || softmax(z)) / dz
+    on_support = torch.zeros_like(z, dtype=torch.bool).scatter(1, batch.teacher_topk_ids, True)
+    torch.testing.assert_close(grad[on_support], exact[on_support])
+    # off the support it redistributes the teacher's tail mass in the student's proportions
+    torch.testing.assert_close(grad.sum(-1), torch.zeros(6, dtype=F64), atol=1e-12, rtol=0)
+    assert (raw_grad[on_support] - exact[on_support]).abs().max() > 1e-2
 
 
 def test_reverse_topk_with_tail_estimates_far_better_than_the_raw_sum():
@@ -301,6 +316,21 @@ def test_chunked_loss_backpropagates_into_the_model_and_runs_without_grad():
     assert not value.requires_grad
     torch.testing.assert_close(value, loss.detach())
     assert metrics["kl_estimate"] > 0
+
+
+@pytest.mark.parametrize("spec", CHUNK_SPECS, ids=lambda s: s.kind)
+def test_a_batch_without_trained_tokens_gives_zero_loss_and_zero_gradient(spec):
+    gen = torch.Generator().manual_seed(30)
+    hidden = torch.randn(5, 4, generator=gen, dtype=F64, requires_grad=True)
+    weight = torch.randn(9, 4, generator=gen, dtype=F64, requires_grad=True)
+    lp = logits(5, 9, seed=31).log_softmax(-1)
+    batch = make_batch(lp, lp, k=3, generator=gen, mc_extra=spec.mc_samples()).slice(0, 0)
+    loss, metrics = chunked_student_logprobs_loss(
+        hidden[:0], weight, batch, build_objective(spec), chunk_size=4
+    )
+    loss.backward()
+    assert loss.item() == 0 and metrics == {}
+    assert (weight.grad == 0).all() and (hidden.grad == 0).all()
 
 
 def test_m2po_bound_meets_the_budget_and_spares_tokens_moving_inward():

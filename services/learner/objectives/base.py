@@ -12,6 +12,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
 from torch import Tensor
 
 
@@ -35,6 +36,8 @@ class TokenBatch:
             value = getattr(self, field.name)
             if value is not None and value.shape[0] != n:
                 raise ValueError(f"TokenBatch.{field.name} has {value.shape[0]} rows, sampled_ids has {n}")
+        if self.teacher_topk_ids.shape != self.teacher_topk_logprobs.shape:
+            raise ValueError("TokenBatch: teacher_topk_ids and teacher_topk_logprobs differ in shape")
         mc = (self.mc_ids, self.mc_behavior_logprobs, self.mc_teacher_logprobs)
         if any(t is None for t in mc) and any(t is not None for t in mc):
             raise ValueError("TokenBatch: mc_ids, mc_behavior_logprobs and mc_teacher_logprobs go together")
@@ -119,12 +122,19 @@ def gather_NK(logprobs_NV: Tensor, ids_NK: Tensor) -> Tensor:
     return logprobs_NV.gather(-1, ids_NK.long())
 
 
-def stat(values: Tensor, reduce: str) -> float:
-    """A metric from a tensor that may be empty (a chunk or batch with no trained token)."""
-    if values.numel() == 0:
-        return 0.0
+def stat(values: Tensor, reduce: str) -> Tensor:
+    """A 0-d metric from a tensor that may be empty (a chunk or batch with no trained token)."""
     values = values.detach().double()
-    return {"mean": values.mean, "max": values.max, "min": values.min}[reduce]().item()
+    if values.numel() == 0:
+        return values.new_zeros(())
+    return {"mean": values.mean, "max": values.max, "min": values.min}[reduce]()
+
+
+def floats(metrics: dict[str, Tensor | float]) -> dict[str, float]:
+    """Device metrics to Python floats with one host sync for all of them, not one per metric."""
+    names = [name for name, value in metrics.items() if isinstance(value, Tensor)]
+    values = torch.stack([metrics[name] for name in names]).tolist() if names else []  # type: ignore[misc]
+    return {**metrics, **dict(zip(names, values, strict=True))}  # type: ignore[dict-item]
 
 
 def float_like(reference: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:

@@ -15,7 +15,7 @@ import math
 import torch
 from torch import Tensor
 
-from .base import Objective, ObjectiveOutput, TokenBatch, float_like, gather_NK, stat
+from .base import Objective, ObjectiveOutput, TokenBatch, float_like, floats, gather_NK, stat
 
 # Tail masses below e^-30 are treated as e^-30: at K = V the tail is empty and its log would be -inf
 # (or rounding noise), which would turn 0 * log 0 into NaN.
@@ -42,11 +42,13 @@ def teacher_tail_logmass(topk_logprobs_NK: Tensor) -> Tensor:
 
 
 def _support_metrics(loss_N: Tensor, teacher_NK: Tensor, student_NK: Tensor) -> dict[str, float]:
-    return {
-        "kl_estimate": stat(loss_N, "mean"),
-        "teacher_topk_mass": stat(teacher_NK.exp().sum(-1), "mean"),
-        "student_topk_mass": stat(student_NK.exp().sum(-1), "mean"),
-    }
+    return floats(
+        {
+            "kl_estimate": stat(loss_N, "mean"),
+            "teacher_topk_mass": stat(teacher_NK.exp().sum(-1), "mean"),
+            "student_topk_mass": stat(student_NK.exp().sum(-1), "mean"),
+        }
+    )
 
 
 class ForwardKLTopK(Objective):
@@ -62,7 +64,7 @@ class ForwardKLTopK(Objective):
         if self.tail:
             teacher_tail_N = teacher_tail_logmass(teacher_NK)
             student_tail_N = student_tail_logmass(student_logprobs_NV, batch.teacher_topk_ids)
-            loss_N = loss_N
+            loss_N = loss_N + teacher_tail_N.exp() * (teacher_tail_N - student_tail_N)
         return ObjectiveOutput(loss_N, _support_metrics(loss_N, teacher_NK, student_NK))
 
 

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from asyncopd.objective_spec import LOG_RATIO_CLAMP
 
-from .base import Objective, ObjectiveOutput, TokenBatch, float_like, stat
+from .base import Objective, ObjectiveOutput, TokenBatch, float_like, floats, stat
 
 Correction = Literal["none", "is", "ppo_clip", "truncated_is"]
 
@@ -44,11 +44,11 @@ def on_policy_factor(logprobs: Tensor) -> Tensor:
 
 def policy_metrics(
     logprobs: Tensor, behavior: Tensor, teacher: Tensor, log_ratio: Tensor, **flags: Tensor
-) -> dict[str, float]:
+) -> dict[str, Tensor | float]:
     """kl_estimate: E_{pi_old}[r (log pi_theta - log p_T)], unbiased for the current KL(pi_theta || p_T);
     behavior_kl_estimate: E_{pi_old}[log pi_old - log p_T], the rollout policy's KL; flags: fractions."""
     ratio = log_ratio.detach().exp()
-    metrics = {
+    metrics: dict[str, Tensor | float] = {
         "kl_estimate": stat(ratio * (logprobs.detach() - teacher), "mean"),
         "behavior_kl_estimate": stat(behavior - teacher, "mean"),
         "is_ratio_mean": stat(ratio, "mean"),
@@ -95,9 +95,8 @@ class SampledReverseKL(Objective):
             weight_N = ratio_N.detach().clamp_max(self.is_cap)
             loss_N = -advantage_N * weight_N * on_policy_factor(logprobs_N)
             flags["truncated"] = ratio_N > self.is_cap
-        return ObjectiveOutput(
-            loss_N, policy_metrics(logprobs_N, behavior_N, teacher_N, log_ratio_N, **flags)
-        )
+        metrics = policy_metrics(logprobs_N, behavior_N, teacher_N, log_ratio_N, **flags)
+        return ObjectiveOutput(loss_N, floats(metrics))
 
 
 class RecomputedReverseKL(Objective):
@@ -126,7 +125,7 @@ class RecomputedReverseKL(Objective):
                 ratio_NS, advantage_NS, 1 - self.clip_eps, 1 + self.clip_eps
             )
         metrics = policy_metrics(logprobs_NS, behavior_NS, teacher_NS, log_ratio_NS, **flags)
-        return ObjectiveOutput(loss_NS.mean(-1), metrics)
+        return ObjectiveOutput(loss_NS.mean(-1), floats(metrics))
 
     def _samples(self, batch: TokenBatch) -> tuple[Tensor, Tensor, Tensor]:
         """[N, samples] ids, behaviour and teacher log-probs: the sampled token first, then batch.mc_*."""
@@ -138,11 +137,10 @@ class RecomputedReverseKL(Objective):
             raise ValueError(
                 f"reverse_kl_mc samples={self.samples} needs {self.samples - 1} mc_ids columns, got {got}"
             )
-        assert (
-            batch.mc_behavior_logprobs is not None and batch.mc_teacher_logprobs is not None
-        )  # TokenBatch checks
+        mc_behavior, mc_teacher = batch.mc_behavior_logprobs, batch.mc_teacher_logprobs
+        assert mc_behavior is not None and mc_teacher is not None  # TokenBatch keeps the three together
         return (
             torch.cat([ids[:, None], batch.mc_ids.to(ids.dtype)], dim=1),
-            torch.cat([behavior[:, None], batch.mc_behavior_logprobs.to(behavior.dtype)], dim=1),
-            torch.cat([teacher[:, None], batch.mc_teacher_logprobs.to(teacher.dtype)], dim=1),
+            torch.cat([behavior[:, None], mc_behavior.to(behavior.dtype)], dim=1),
+            torch.cat([teacher[:, None], mc_teacher.to(teacher.dtype)], dim=1),
         )

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from asyncopd.objective_spec import LOG_RATIO_CLAMP
 
-from .base import Objective, ObjectiveOutput, TokenBatch, float_like, stat
+from .base import Objective, ObjectiveOutput, TokenBatch, float_like, floats, stat
 from .policy_gradient import clamped_log_ratio, clipped_surrogate, policy_metrics
 
 
@@ -49,7 +49,7 @@ class DecoupledPPO(Objective):
             behavior_dropped=dropped_N,
         )
         metrics["behavior_weight_mean"] = stat(weight_N, "mean")
-        return ObjectiveOutput(weight_N * surrogate_N, metrics)
+        return ObjectiveOutput(weight_N * surrogate_N, floats(metrics))
 
 
 @dataclass(frozen=True)
@@ -120,4 +120,4 @@ class M2PO(Objective):
         metrics["m2po_tau"] = min(bound.tau, LOG_RATIO_CLAMP)
         metrics["m2po_m2_before"] = bound.m2_before
         metrics["m2po_m2_after"] = bound.m2_after
-        return ObjectiveOutput(loss_N, metrics)
+        return ObjectiveOutput(loss_N, floats(metrics))

@@ -1,0 +1,61 @@
+# syntax=docker/dockerfile:1
+# Learner: DeepSpeed training on CUDA, one process per GPU under torchrun (the chart's multi-rank mode) or
+# a single `python -m services.learner`. torch is the PyPI CUDA 13 build pinned to the version vLLM 0.33
+# uses in the rollout/teacher images, so every service runs the same torch. Build from the repository root:
+#   docker build -f docker/learner.Dockerfile -t ghcr.io/asyncopd/asyncopd-learner:0.1.0 .
+# Pass --build-arg DS_BUILD_OPS=1 to precompile DeepSpeed's CUDA ops (fused Adam, CPU Adam for offload)
+# in the devel stage; by default none are needed (the learner passes a torch optimizer).
+ARG CUDA_DEVEL_IMAGE=nvidia/cuda:13.0.2-devel-ubuntu24.04
+ARG CUDA_RUNTIME_IMAGE=nvidia/cuda:13.0.2-base-ubuntu24.04
+
+# ---- build: a virtualenv with torch, DeepSpeed, transformers and asyncopd -------------------------------
+FROM ${CUDA_DEVEL_IMAGE} AS build
+ARG TORCH_VERSION=2.14.0
+ARG DEEPSPEED_VERSION=0.19.8
+ARG TRANSFORMERS_SPEC="transformers>=5.16.1,<5.21"
+ARG DS_BUILD_OPS=0
+ARG TORCH_CUDA_ARCH_LIST="8.0;9.0;10.0"
+ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv python3-dev build-essential ninja-build \
+    && rm -rf /var/lib/apt/lists/*
+RUN python3 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+RUN pip install "torch==${TORCH_VERSION}" "${TRANSFORMERS_SPEC}" safetensors numpy setuptools wheel
+# DeepSpeed's setup.py inspects the installed torch, hence --no-build-isolation.
+RUN DS_BUILD_OPS=${DS_BUILD_OPS} DS_BUILD_FUSED_ADAM=${DS_BUILD_OPS} DS_BUILD_CPU_ADAM=${DS_BUILD_OPS} \
+    TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST}" \
+    pip install --no-build-isolation "deepspeed==${DEEPSPEED_VERSION}"
+WORKDIR /src
+COPY pyproject.toml ./
+RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+        > /tmp/requirements.txt \
+    && pip install -r /tmp/requirements.txt
+COPY README.md ./
+COPY asyncopd ./asyncopd
+COPY services ./services
+# No extras: [learner] pins the CPU torch of the development machines; the CUDA stack is installed above.
+RUN pip install --no-deps . \
+    && python -c "import importlib.util as u, sys; sys.exit(u.find_spec('services.learner.__main__') is None)"
+
+# ---- runtime: CUDA base (driver libraries come from the node; CUDA/NCCL/cuDNN libraries from the wheels) -
+FROM ${CUDA_RUNTIME_IMAGE}
+ENV DEBIAN_FRONTEND=noninteractive
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 libgomp1 \
+    && rm -rf /var/lib/apt/lists/* \
+    && groupadd --system --gid 10001 asyncopd \
+    && useradd --system --uid 10001 --gid 10001 --home-dir /home/asyncopd --create-home asyncopd \
+    && mkdir -p /data && chown 10001:10001 /data
+COPY --from=build /opt/venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    HOME=/home/asyncopd \
+    XDG_CACHE_HOME=/home/asyncopd/.cache \
+    ASYNCOPD_DATA_DIR=/data \
+    ASYNCOPD_DEVICE=cuda
+WORKDIR /home/asyncopd
+USER 10001:10001
+# gRPC, metrics, torchrun c10d rendezvous.
+EXPOSE 50053 9400 29400
+ENTRYPOINT ["python", "-m", "services.learner"]

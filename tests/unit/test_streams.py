@@ -1,0 +1,84 @@
+"""Stream schemas and the consumer-group reader against a real redis-server."""
+
+import pytest
+
+from asyncopd import streams
+from asyncopd.streams import PromptEntry, RolloutEntry, ScoredEntry, SchemaError, StreamConsumer
+
+
+def prompt(batch=0, i=0, job="j1"):
+    return PromptEntry(job_id=job, batch=batch, prompt_id=f"b{batch}-p{i}", prompt="Q: 1+1= A:", n=4,
+                       max_tokens=8, temperature=1.0, seed=7, min_version=0)
+
+
+def test_scored_entry_roundtrip_keeps_arrays_exact():
+    e = ScoredEntry(job_id="j", batch=3, sample_id="b3-p1-s0", prompt_token_ids=[1, 2, 3],
+                    completion_token_ids=[4, 5], behavior_logprobs=[-0.5, -1.25], policy_version=2, top_k=2,
+                    teacher_sampled_logprobs=[-0.25, -2.0], teacher_topk_ids=[4, 9, 5, 1],
+                    teacher_topk_logprobs=[-0.25, -3.0, -2.0, -2.5])
+    back = ScoredEntry.from_fields(e.to_fields())
+    assert back == e
+
+
+@pytest.mark.parametrize("fields", [
+    {},
+    {"schema": "asyncopd.prompt/999", "body": "{}"},
+    {"schema": "asyncopd.rollout/1", "body": "not json"},
+    {"schema": "asyncopd.rollout/1", "body": '{"job_id": "j", "batch": 0}'},
+    {"schema": "asyncopd.rollout/1", "body": '{"job_id":"j","batch":0,"sample_id":"s","prompt_token_ids":"AAA",'
+                                             '"completion_token_ids":"","behavior_logprobs":"","policy_version":0}'},
+])
+def test_malformed_entries_raise_schema_error(fields):
+    with pytest.raises(SchemaError):
+        RolloutEntry.from_fields(fields)
+
+
+def test_malformed_entry_goes_to_dead_letter_and_good_ones_survive(r):
+    c = StreamConsumer(r, streams.PROMPTS, "w1")
+    r.xadd(streams.PROMPTS, {"garbage": "1"})
+    r.xadd(streams.PROMPTS, prompt().to_fields())
+    good = c.decode(c.read(10, 100), PromptEntry)
+    assert [e.prompt_id for _, e in good] == ["b0-p0"]
+    dead = r.xrange(streams.DEAD_LETTER)
+    assert len(dead) == 1 and dead[0][1]["stream"] == streams.PROMPTS and "schema" in dead[0][1]["reason"]
+    # Unparseable entries belong to no batch: nothing is charged as lost.
+    assert r.hgetall(streams.lost_key("j1")) == {}
+
+
+def test_dead_consumer_entries_are_reclaimed_then_dead_lettered_after_max_deliveries(r):
+    r.xadd(streams.PROMPTS, prompt(batch=2).to_fields())
+    dead = StreamConsumer(r, streams.PROMPTS, "dead", reclaim_idle_ms=1, max_deliveries=2)
+    assert len(dead.read(10, 100)) == 1  # taken, never acked: its worker "died"
+    alive = StreamConsumer(r, streams.PROMPTS, "alive", reclaim_idle_ms=1, max_deliveries=2)
+    alive._replay_own = False
+    import time
+
+    time.sleep(0.01)
+    got = alive.read(10, 100)
+    assert len(got) == 1 and got[0].deliveries == 2
+    assert len(alive.decode(got, PromptEntry)) == 1  # 2 deliveries: still allowed
+    time.sleep(0.01)
+    again = alive.read(10, 100)
+    assert again[0].deliveries == 3
+    assert alive.decode(again, PromptEntry) == []  # over the limit: dead-lettered
+    assert r.hget(streams.lost_key("j1"), "2") == "4"  # the prompt's 4 samples are charged to batch 2
+    assert r.xlen(streams.DEAD_LETTER) == 1
+    assert streams.stream_stats(r, streams.PROMPTS)["pending"] == 0
+
+
+def test_restarted_consumer_replays_its_own_pending_first(r):
+    r.xadd(streams.SCORED, {"schema": "x", "body": "{}"})
+    first = StreamConsumer(r, streams.SCORED, "learner", reclaim_idle_ms=None)
+    assert len(first.read(10, 100)) == 1
+    restarted = StreamConsumer(r, streams.SCORED, "learner", reclaim_idle_ms=None)
+    replay = restarted.read(10, 100)
+    assert len(replay) == 1 and replay[0].deliveries == 2
+
+
+def test_ack_deletes_so_stream_length_is_the_backlog(r):
+    c = StreamConsumer(r, streams.ROLLOUTS, "t1")
+    for _ in range(3):
+        r.xadd(streams.ROLLOUTS, {"a": "b"})
+    msgs = c.read(10, 100)
+    c.ack([m.id for m in msgs[:2]])
+    assert streams.stream_stats(r, streams.ROLLOUTS) == {"length": 1, "pending": 1}
