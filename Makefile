@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml
 run: setup
 	$(VENV)/bin/asyncopd demo examples/tiny-job.yaml
 
-test: setup proto-check
+test: setup proto-check chart-check
 	$(PY) -m pytest -ra tests/
 
 test-fast: setup
@@ -55,4 +55,4 @@ bench: setup
 clean:
 	rm -rf .run .cache/proto-check
 
--include deploy/chart.mk
+include deploy/chart.mk

@@ -213,6 +213,12 @@ def cmd_demo(args) -> None:
         sys.exit(1)
 
 
+def cmd_bench(args) -> None:
+    from asyncopd.bench import run
+
+    run(args.file, args.budgets, args.engine, args.out, args.run_dir / "bench")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="asyncopd", description="Asynchronous on-policy distillation.")
     ap.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR, help="local stack state and logs")
@@ -250,6 +256,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", type=Path, nargs="?", default=Path("examples/tiny-job.yaml"))
     stack_flags(p)
     p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("bench", help="throughput of the example job at several staleness budgets")
+    p.add_argument("file", type=Path, nargs="?", default=Path("examples/tiny-job.yaml"))
+    p.add_argument("--budgets", type=int, nargs="+", default=[0, 2])
+    p.add_argument("--engine", choices=("vllm", "hf"), default="vllm")
+    p.add_argument("--out", type=Path, default=Path("docs/results"))
+    p.set_defaults(func=cmd_bench)
     return ap
 
 

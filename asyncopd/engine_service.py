@@ -50,7 +50,8 @@ class EngineService(ABC):
                 continue
             try:
                 self.step(block_ms=int(self.settings.poll_interval_s * 1000))
-            except Exception:  # entries stay pending: reclaimed after reclaim_idle_ms, dead-lettered if they keep failing
+            except Exception:
+                # Entries stay pending: reclaimed after reclaim_idle_ms, dead-lettered if they keep failing.
                 log.exception("%s step failed", self.role)
                 self.rt.stop.wait(1.0)
         self.unload()
@@ -66,7 +67,8 @@ class EngineService(ABC):
                                   gpu_memory_utilization=s.gpu_memory_utilization)
         except Exception as exc:  # a bad model path fails the job, never the worker
             log.exception("loading %s %s failed", self.role, model)
-            state.report_event(self.r, job.id, "failed", self.role, reason=f"{self.role} could not load {model!r}: {exc}")
+            reason = f"{self.role} could not load {model!r}: {exc}"
+            state.report_event(self.r, job.id, "failed", self.role, reason=reason)
             self.failed_job = job.id
             return False
         with self.lock:

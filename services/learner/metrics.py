@@ -11,3 +11,5 @@ LOSS = Gauge("asyncopd_learner_loss", "Objective value of the last step (token m
 KL = Gauge("asyncopd_learner_kl", "KL estimate of the last step (sampled reverse KL, token mean).")
 VERSION = Gauge("asyncopd_policy_version", "Policy version last published.")
 STEP = Gauge("asyncopd_job_step", "Steps completed in the active job.")
+OBJECTIVE = Gauge("asyncopd_learner_objective", "Objective diagnostics of the last step (KL estimate, "
+                  "importance-ratio mean/max, fraction clipped).", ["metric"])

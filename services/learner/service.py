@@ -162,6 +162,8 @@ class Learner:
         metrics.KL.set(record["kl"])
         metrics.VERSION.set(record["version"])
         metrics.STEP.set(record["step"])
+        for name, value in record.get("objective", {}).items():
+            metrics.OBJECTIVE.labels(name).set(value)
         self.rt.info["policy_version"] = record["version"]
         self.rt.info["processed"] += record["samples"]
         self.progress.update(step=record["step"], policy_version=record["version"], last_loss=record["loss"],

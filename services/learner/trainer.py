@@ -123,7 +123,7 @@ class Trainer:
             out = self.objective(student_logprobs, batch)
             # Token mean over the global batch; DeepSpeed averages gradients over ranks, hence × world.
             loss = out.loss.sum() * self.world / total_tokens.clamp(min=1).item()
-            metrics = dict(out.metrics)
+            metrics = {"objective": dict(out.metrics)}
             metrics["kl_behavior"] = float((batch.behavior_logprobs - batch.teacher_sampled_logprobs).mean())
         else:  # this rank got no tokens but must still join the gradient all-reduce
             loss = sum(p.sum() for p in self.engine.module.parameters()) * 0.0

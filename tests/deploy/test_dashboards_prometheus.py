@@ -41,8 +41,10 @@ def synthetic_exporter(stop: threading.Event) -> int:
     for name in sorted(HISTOGRAMS | COUNTERS | GAUGES):
         labels = LABELS.get(name, {})
         cls = Histogram if name in HISTOGRAMS else Counter if name in COUNTERS else Gauge
-        metric = cls(name.removesuffix("_total") if cls is Counter else name, name, list(labels), registry=registry)
-        children = [metric.labels(*vals) for vals in zip(*labels.values(), strict=True)] if labels else [metric]
+        # prometheus_client appends _total to counter names itself.
+        base = name.removesuffix("_total") if cls is Counter else name
+        metric = cls(base, name, list(labels), registry=registry)
+        children = [metric.labels(*v) for v in zip(*labels.values(), strict=True)] if labels else [metric]
         metrics.extend((cls, child) for child in children)
 
     def tick():
@@ -73,12 +75,18 @@ def prometheus(tmp_path):
     stop = threading.Event()
     target = synthetic_exporter(stop)
     config = tmp_path / "prometheus.yml"
-    config.write_text(yaml.safe_dump(chartcheck.prometheus_config({"asyncopd": [f"127.0.0.1:{target}"]}, "1s")))
+    scrape = chartcheck.prometheus_config({"asyncopd": [f"127.0.0.1:{target}"]}, scrape_interval="1s")
+    config.write_text(yaml.safe_dump(scrape))
     port = free_port()
     proc = subprocess.Popen(
-        [chartcheck.prometheus_bin(), f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-         f"--web.listen-address=127.0.0.1:{port}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            chartcheck.prometheus_bin(),
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     base = f"http://127.0.0.1:{port}"
     try:

@@ -253,6 +253,7 @@ def test_ci_scenarios_cover_what_the_issue_asks_for():
         "keda-off-hpa",
         "multirank-learner",
         "monitoring",
+        "minimal",
     } <= names
 
 

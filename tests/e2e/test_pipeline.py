@@ -6,7 +6,7 @@ per-step records through the API, not the coordinator's view of what it released
 
 from __future__ import annotations
 
-import json
+import time
 
 import grpc
 import httpx
@@ -108,7 +108,7 @@ def test_scaling_the_rollout_pool_mid_job_loses_nothing(stack, tiny_models):
     if stack["engine"] != "vllm":
         pytest.skip("pool scaling is engine-independent; exercised once, with the default vLLM engine")
     api = stack["api_url"]
-    job = submit(api, tiny_job(tiny_models, max_staleness=2, train={"steps": 16, "prompts_per_step": 8}))
+    job = submit(api, tiny_job(tiny_models, max_staleness=2, train={"steps": 150, "checkpoint_every": 50}))
     wait_job(api, job["id"], states=("running",))
     assert httpx.put(f"{api}/v1/pools/rollout", json={"replicas": 2}).json() == {"replicas": 2}
     seen_two = False
@@ -118,7 +118,7 @@ def test_scaling_the_rollout_pool_mid_job_loses_nothing(stack, tiny_models):
         seen_two |= sum(1 for i in pools["rollout"]["instances"] if i.get("model_loaded")) == 2
         if seen_two or view["state"] != "running":
             break
-        __import__("time").sleep(0.3)
+        time.sleep(0.3)
     assert seen_two, "the second rollout worker never loaded the job's student"
     assert httpx.put(f"{api}/v1/pools/rollout", json={"replicas": 1}).json() == {"replicas": 1}
     done = wait_job(api, job["id"])
@@ -128,11 +128,17 @@ def test_scaling_the_rollout_pool_mid_job_loses_nothing(stack, tiny_models):
 
 def test_grpc_health_per_service(stack):
     r = redis.Redis.from_url(stack["redis_url"], decode_responses=True)
-    for svc in state.live_services(r, "teacher"):
-        with grpc.insecure_channel(f"127.0.0.1:{json.loads(json.dumps(svc['grpc_port']))}") as ch:
+    teachers = state.live_services(r, "teacher")
+    assert teachers
+    for svc in teachers:
+        with grpc.insecure_channel(f"127.0.0.1:{svc['grpc_port']}") as ch:
             stub = health_pb2_grpc.HealthStub(ch)
             assert stub.Check(health_pb2.HealthCheckRequest(service="")).status == \
                 health_pb2.HealthCheckResponse.SERVING
-            # Between jobs no teacher model is loaded: the per-service name says so.
-            assert stub.Check(health_pb2.HealthCheckRequest(service="asyncopd.v1.TeacherService")).status == \
-                health_pb2.HealthCheckResponse.NOT_SERVING
+            # Between jobs no teacher model is loaded (it unloads within a poll interval): the name says so.
+            named = health_pb2.HealthCheckRequest(service="asyncopd.v1.TeacherService")
+            for _ in range(50):
+                if stub.Check(named).status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                    break
+                time.sleep(0.2)
+            assert stub.Check(named).status == health_pb2.HealthCheckResponse.NOT_SERVING

@@ -3,7 +3,7 @@
 import pytest
 
 from asyncopd import streams
-from asyncopd.streams import PromptEntry, RolloutEntry, ScoredEntry, SchemaError, StreamConsumer
+from asyncopd.streams import PromptEntry, RolloutEntry, SchemaError, ScoredEntry, StreamConsumer
 
 
 def prompt(batch=0, i=0, job="j1"):

@@ -1,0 +1,46 @@
+"""Promises of the layout and the shipped files: the coordinator stays torch-free, services do not import
+each other, every shipped job file validates, MC-style objectives the rollout cannot feed are refused."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from asyncopd.jobspec import JobSpec
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_coordinator_and_cli_import_no_torch():
+    code = ("import sys, services.coordinator.api, services.coordinator.runner, services.coordinator.pools, "
+            "services.coordinator.k8s_pool, asyncopd.cli, asyncopd.localstack; "
+            "print(sorted(m for m in ('torch', 'transformers', 'vllm', 'deepspeed') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("service", ["rollout", "teacher", "learner", "coordinator"])
+def test_services_never_import_each_other(service):
+    others = {"rollout", "teacher", "learner", "coordinator"} - {service}
+    names = "|".join(others)
+    pattern = re.compile(rf"^\s*(from|import)\s+services\.({names})\b", re.M)
+    for path in (ROOT / "services" / service).rglob("*.py"):
+        assert not pattern.search(path.read_text()), f"{path} imports another service"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.yaml")))
+def test_shipped_job_files_validate(path):
+    JobSpec.model_validate(yaml.safe_load(path.read_text()))
+
+
+def test_objectives_needing_unproduced_data_are_refused_at_submission():
+    base = yaml.safe_load((ROOT / "examples" / "tiny-job.yaml").read_text())
+    with pytest.raises(ValidationError, match="extra student samples"):
+        JobSpec.model_validate({**base, "objective": {"kind": "reverse_kl_mc", "samples": 4}})
+    with pytest.raises(ValidationError, match="top-K"):
+        JobSpec.model_validate({**base, "objective": {"kind": "reverse_kl_topk", "support": "student"}})
+    JobSpec.model_validate({**base, "objective": {"kind": "reverse_kl_recompute"}})
