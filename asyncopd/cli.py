@@ -69,7 +69,8 @@ def read_job_file(path: Path) -> dict:
 def cmd_up(args) -> None:
     from asyncopd import localstack
 
-    info = localstack.up(args.run_dir, http_port=args.http_port, engine=args.engine, rollouts=args.rollouts)
+    info = localstack.up(args.run_dir, http_port=args.http_port, engine=args.engine, rollouts=args.rollouts,
+                         learner_ranks=args.learner_ranks)
     print(f"asyncopd is up: API {info['api_url']} (docs at {info['api_url']}/docs), logs in {args.run_dir}/logs")
     if args.detach:
         return
@@ -232,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("up", help="start Redis and the four services locally")
     stack_flags(p)
+    p.add_argument("--learner-ranks", type=int, default=1, help="learner processes under torchrun")
     p.add_argument("--detach", action="store_true", help="return once every service is ready")
     p.set_defaults(func=cmd_up)
     sub.add_parser("down", help="stop the local stack").set_defaults(func=cmd_down)

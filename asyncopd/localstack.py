@@ -60,8 +60,15 @@ def _spawn(args: list[str], env: dict, log: Path) -> subprocess.Popen:
                                 start_new_session=True)
 
 
-def up(run_dir: Path, *, http_port: int, engine: str, rollouts: int, extra_env: dict | None = None,
-       timeout_s: float = 180) -> dict:
+def service_command(name: str, learner_ranks: int) -> list[str]:
+    if name == "learner" and learner_ranks > 1:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={learner_ranks}",
+                "-m", "services.learner"]
+    return [sys.executable, "-m", f"services.{name}"]
+
+
+def up(run_dir: Path, *, http_port: int, engine: str, rollouts: int, learner_ranks: int = 1,
+       extra_env: dict | None = None, timeout_s: float = 180) -> dict:
     run_dir = run_dir.absolute()
     if (run_dir / "stack.json").exists() and is_up(run_dir):
         raise RuntimeError(f"a stack is already running from {run_dir} (asyncopd down first)")
@@ -76,7 +83,7 @@ def up(run_dir: Path, *, http_port: int, engine: str, rollouts: int, extra_env: 
     _wait_redis(redis_port)
     coordinator_env = {**env, "ASYNCOPD_HTTP_PORT": str(http_port), "ASYNCOPD_ROLLOUT_REPLICAS": str(rollouts)}
     for name in SERVICES:
-        procs[name] = _spawn([sys.executable, "-m", f"services.{name}"],
+        procs[name] = _spawn(service_command(name, learner_ranks),
                              coordinator_env if name == "coordinator" else env, run_dir / "logs" / f"{name}.log")
     info = {"api_url": f"http://127.0.0.1:{http_port}", "redis_url": redis_url, "run_dir": str(run_dir),
             "pids": {name: p.pid for name, p in procs.items()}, "rollouts": rollouts}

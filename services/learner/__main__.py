@@ -16,6 +16,10 @@ def main() -> None:
 
     init_distributed(settings)
     if dist.get_rank() != 0:
+        import signal
+
+        # torchrun forwards SIGTERM to every rank; followers leave when rank 0 says so, mid-collective never.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         Comm.follow(settings)
         return
 

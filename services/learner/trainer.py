@@ -112,7 +112,7 @@ class Trainer:
         t0 = time.perf_counter()
         mine = entries[self.rank :: self.world]
         model_inputs, batch = token_batch(mine, self.device) if mine else (None, None)
-        total_tokens = torch.tensor([float(batch.num_tokens if batch else 0)])
+        total_tokens = torch.tensor([float(batch.num_tokens if batch else 0)], device=self.device)
         dist.all_reduce(total_tokens)
         self.engine.train()
         metrics = {}
@@ -131,7 +131,7 @@ class Trainer:
         self.engine.step()
         self.version += 1
         sums = torch.tensor([loss.item() * total_tokens.item() / self.world, metrics.get("kl_behavior", 0.0) *
-                             (batch.num_tokens if batch else 0)])
+                             (batch.num_tokens if batch else 0)], device=self.device)
         dist.all_reduce(sums)
         denom = max(total_tokens.item(), 1.0)
         return {**metrics, "loss": sums[0].item() / denom, "kl": sums[1].item() / denom,

@@ -659,8 +659,8 @@ def test_notes_tell_how_to_reach_the_api_and_submit_a_job(chart_tools):
     assert p.returncode == 0, p.stderr
     notes = p.stdout.split("NOTES:", 1)[1]
     assert "port-forward svc/ci-asyncopd-coordinator 8000:8000" in notes
-    assert "POST $ASYNCOPD_API/v1/jobs" in notes
-    assert "PUT $ASYNCOPD_API/v1/pools/rollout" in notes
+    assert "POST $ASYNCOPD_API_URL/v1/jobs" in notes
+    assert "PUT $ASYNCOPD_API_URL/v1/pools/rollout" in notes
 
 
 def test_chart_readme_commands_name_real_paths():

@@ -105,8 +105,6 @@ def test_malformed_stream_entries_are_dead_lettered_without_a_crash(stack, tiny_
 
 
 def test_scaling_the_rollout_pool_mid_job_loses_nothing(stack, tiny_models):
-    if stack["engine"] != "vllm":
-        pytest.skip("pool scaling is engine-independent; exercised once, with the default vLLM engine")
     api = stack["api_url"]
     job = submit(api, tiny_job(tiny_models, max_staleness=2, train={"steps": 150, "checkpoint_every": 50}))
     wait_job(api, job["id"], states=("running",))
