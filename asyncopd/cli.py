@@ -214,6 +214,15 @@ def cmd_demo(args) -> None:
         sys.exit(1)
 
 
+def cmd_eval(args) -> None:
+    from asyncopd.evaluate import Evaluator, read_rows
+
+    ev = Evaluator(str(args.teacher), read_rows(args.prompts, args.limit), max_tokens=args.max_tokens)
+    result = ev.evaluate(str(args.model))
+    result["teacher_accuracy"] = ev.teacher_accuracy()
+    print(json.dumps(result, indent=2))
+
+
 def cmd_bench(args) -> None:
     from asyncopd.bench import run
 
@@ -258,6 +267,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", type=Path, nargs="?", default=Path("examples/tiny-job.yaml"))
     stack_flags(p)
     p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("eval", help="held-out accuracy and KL to the teacher of a model directory")
+    p.add_argument("model", type=Path)
+    p.add_argument("--teacher", type=Path, default=Path(".cache/models/teacher"))
+    p.add_argument("--prompts", type=Path, default=Path("examples/arith-heldout.jsonl"))
+    p.add_argument("--limit", type=int, default=256)
+    p.add_argument("--max-tokens", type=int, default=8)
+    p.set_defaults(func=cmd_eval)
     p = sub.add_parser("bench", help="throughput of the example job at several staleness budgets")
     p.add_argument("file", type=Path, nargs="?", default=Path("examples/tiny-job.yaml"))
     p.add_argument("--budgets", type=int, nargs="+", default=[0, 2])

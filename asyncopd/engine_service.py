@@ -64,7 +64,8 @@ class EngineService(ABC):
             self.tokenizer = AutoTokenizer.from_pretrained(model)
             engine = build_engine(s.engine, model, device=s.device, dtype=s.dtype, seed=job.spec.train.seed,
                                   max_model_len=s.max_model_len, kv_cache_bytes=s.kv_cache_bytes,
-                                  gpu_memory_utilization=s.gpu_memory_utilization)
+                                  gpu_memory_utilization=s.gpu_memory_utilization,
+                                  synthetic_latency_s=s.synthetic_latency_s)
         except Exception as exc:  # a bad model path fails the job, never the worker
             log.exception("loading %s %s failed", self.role, model)
             reason = f"{self.role} could not load {model!r}: {exc}"

@@ -1,6 +1,8 @@
-"""Held-out check of a student against its teacher: the exact per-token KL(student || teacher) over the full
-vocabulary along the student's own samples, the quantity on-policy distillation minimises. Uses HF
-transformers (torch), so only the CLI and tests import it, never the coordinator."""
+"""Held-out evaluation of a student against its teacher, standalone (`asyncopd eval MODEL_DIR`) and for the
+`make run` summary: exact-match accuracy on the task (greedy decoding) and the exact per-token
+KL(student || teacher) over the full vocabulary along the student's own samples — the quantity on-policy
+distillation minimises. Uses HF transformers (torch): only the CLI, the learner and tests import it, never
+the coordinator."""
 
 from __future__ import annotations
 
@@ -8,40 +10,82 @@ import json
 from pathlib import Path
 
 
-def load_prompts(spec: dict) -> list[str]:
-    path = spec["prompts"].get("heldout_path") or spec["prompts"]["path"]
-    limit = spec["prompts"].get("heldout_limit", 16)
+def read_rows(path: str | Path, limit: int | None = None) -> list[dict]:
     rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    return [r["prompt"] for r in rows if "prompt" in r][:limit]
+    rows = [r for r in rows if "prompt" in r]
+    return rows[:limit] if limit else rows
 
 
-def reverse_kl(student_dir: str, teacher_dir: str, prompts: list[str], max_tokens: int, seed: int = 0) -> float:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+class Evaluator:
+    """Loads the teacher once; evaluates any number of student checkpoints on the same held-out rows."""
 
-    tok = AutoTokenizer.from_pretrained(student_dir)
-    student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32).eval()
-    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
-    torch.manual_seed(seed)
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for prompt in prompts:
-            ids = tok(prompt, return_tensors="pt")["input_ids"]
-            seq = student.generate(ids, do_sample=True, max_new_tokens=max_tokens, temperature=1.0, top_k=0,
-                                   top_p=1.0, pad_token_id=tok.pad_token_id)
-            n = seq.shape[1] - ids.shape[1]
-            if n == 0:
-                continue
-            s = torch.log_softmax(student(seq).logits[0, ids.shape[1] - 1 : -1].float(), -1)
-            t = torch.log_softmax(teacher(seq).logits[0, ids.shape[1] - 1 : -1].float(), -1)
-            total += float((s.exp() * (s - t)).sum())
-            count += n
-    return total / max(count, 1)
+    def __init__(self, teacher_dir: str, rows: list[dict], max_tokens: int = 8, seed: int = 0) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.torch = torch
+        self.tok = AutoTokenizer.from_pretrained(teacher_dir)
+        self.tok.padding_side = "left"
+        self.teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
+        self.rows, self.max_tokens, self.seed = rows, max_tokens, seed
+
+    def _load(self, model_dir: str):
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.torch.float32).eval()
+
+    def accuracy(self, model) -> float | None:
+        """Exact match of the first word of the greedy completion; None when the rows carry no answers."""
+        from asyncopd.tasks.arithmetic import is_correct
+
+        rows = [r for r in self.rows if "answer" in r]
+        if not rows:
+            return None
+        enc = self.tok([r["prompt"] for r in rows], return_tensors="pt", padding=True)
+        with self.torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=self.max_tokens, do_sample=False,
+                                 pad_token_id=self.tok.pad_token_id)
+        texts = self.tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        return sum(is_correct(t, r["answer"]) for t, r in zip(texts, rows, strict=True)) / len(rows)
+
+    def kl_to_teacher(self, model) -> float:
+        """Mean over sampled completion tokens of the exact KL(student || teacher) at each position."""
+        torch = self.torch
+        torch.manual_seed(self.seed)
+        enc = self.tok([r["prompt"] for r in self.rows], return_tensors="pt", padding=True)
+        with torch.no_grad():
+            seq = model.generate(**enc, do_sample=True, max_new_tokens=self.max_tokens, temperature=1.0, top_k=0,
+                                 top_p=1.0, pad_token_id=self.tok.pad_token_id)
+            mask = (seq != self.tok.pad_token_id).long()
+            start = enc["input_ids"].shape[1]
+            s = torch.log_softmax(model(seq, attention_mask=mask).logits[:, start - 1 : -1].float(), -1)
+            t = torch.log_softmax(self.teacher(seq, attention_mask=mask).logits[:, start - 1 : -1].float(), -1)
+            kl = (s.exp() * (s - t)).sum(-1)
+            # Positions after a sequence ended are padding; the end-of-sequence token itself counts.
+            valid = mask[:, start:].bool()
+        return float(kl[valid].mean())
+
+    def evaluate(self, model_dir: str) -> dict:
+        model = self._load(model_dir)
+        return {"accuracy": self.accuracy(model), "kl_to_teacher": self.kl_to_teacher(model)}
+
+    def teacher_accuracy(self) -> float | None:
+        return self.accuracy(self.teacher)
 
 
 def heldout_report(spec: dict, job: dict) -> dict[str, str]:
-    prompts = load_prompts(spec)
-    max_tokens = spec.get("generation", {}).get("max_tokens", 32)
-    before = reverse_kl(spec["student"]["model"], spec["teacher"]["model"], prompts, max_tokens)
-    after = reverse_kl(job["result_dir"], spec["teacher"]["model"], prompts, max_tokens)
-    return {f"held-out KL(student||teacher), {len(prompts)} prompts": f"{before:.4f} before -> {after:.4f} after"}
+    """Rows for the `make run` summary: teacher, student before and after, and the share of the gap closed."""
+    path = spec["prompts"].get("heldout_path") or spec["prompts"]["path"]
+    rows = read_rows(path, spec["prompts"].get("heldout_limit", 16))
+    ev = Evaluator(spec["teacher"]["model"], rows, max_tokens=spec.get("generation", {}).get("max_tokens", 8))
+    before, after, teacher = ev.evaluate(spec["student"]["model"]), ev.evaluate(job["result_dir"]), \
+        ev.teacher_accuracy()
+    out = {f"held-out KL(student||teacher), {len(rows)} prompts":
+           f"{before['kl_to_teacher']:.4f} before -> {after['kl_to_teacher']:.4f} after"}
+    if teacher is not None:
+        gap = teacher - before["accuracy"]
+        closed = (after["accuracy"] - before["accuracy"]) / gap if gap > 0 else float("nan")
+        out["held-out accuracy: teacher"] = f"{teacher:.1%}"
+        out["held-out accuracy: student"] = (f"{before['accuracy']:.1%} before -> {after['accuracy']:.1%} after "
+                                             f"({closed:.0%} of the gap to the teacher closed)")
+    return out

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 
 from asyncopd.objective_spec import ObjectiveSpec
 
@@ -69,17 +69,18 @@ class JobSpec(_Strict):
     train: Train = Field(default_factory=Train)
     output_dir: str | None = Field(None, description="Where the distilled student goes; default data_dir/jobs/<id>.")
 
-    @model_validator(mode="after")
-    def _objective_data_is_produced(self) -> JobSpec:
+    @field_validator("objective")
+    @classmethod
+    def _objective_data_is_produced(cls, objective: ObjectiveSpec) -> ObjectiveSpec:
         # The rollout does not yet draw extra tokens per position nor ship its own top-K: refuse objectives
-        # that need them at submission, rather than failing inside the learner.
-        if self.objective.mc_samples():
-            raise ValueError(f"objective.kind {self.objective.kind} needs {self.objective.mc_samples()} extra "
+        # that need them at submission (a 422 on field "objective"), rather than failing inside the learner.
+        if objective.mc_samples():
+            raise ValueError(f"objective.kind {objective.kind} needs {objective.mc_samples()} extra "
                              "student samples per position, which the rollout service does not produce yet")
-        if self.objective.needs_student_topk():
+        if objective.needs_student_topk():
             raise ValueError("objective.support 'student' needs the rollout student's top-K per position, "
                              "which the rollout service does not produce yet")
-        return self
+        return objective
 
     def samples_per_step(self) -> int:
         return self.train.prompts_per_step * self.generation.n

@@ -4,6 +4,7 @@ metrics, heartbeats into the registry, and a SIGTERM that drains instead of kill
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from concurrent import futures
@@ -31,7 +32,7 @@ class ServiceRuntime:
         self.metrics_port = 0
         self.info: dict = {"job_id": "", "model_loaded": False, "policy_version": 0, "processed": 0}
 
-    def start(self, add_servicer, *, metrics_server: bool = True, handle_signals: bool = True) -> None:
+    def start(self, add_servicer, *, handle_signals: bool = True) -> None:
         add_servicer(self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if self.settings.grpc_reflection:
@@ -40,9 +41,8 @@ class ServiceRuntime:
             reflection.enable_server_reflection(names, self.server)
         self.grpc_port = self.server.add_insecure_port(f"0.0.0.0:{self.settings.grpc_port}")
         self.server.start()
-        if metrics_server:  # the coordinator serves /metrics on its HTTP port instead
-            server, _ = start_http_server(self.settings.metrics_port)
-            self.metrics_port = server.server_port
+        server, _ = start_http_server(self.settings.metrics_port)
+        self.metrics_port = server.server_port
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         self.set_model_loaded(False)
         if handle_signals:
@@ -67,6 +67,7 @@ class ServiceRuntime:
     def beat(self) -> None:
         state.heartbeat(self.redis, self.service, self.settings.instance, self.settings.heartbeat_ttl_s,
                         grpc_port=self.grpc_port, metrics_port=self.metrics_port, draining=self.stop.is_set(),
+                        pid=os.getpid(),
                         **self.info)
 
     def _heartbeat_loop(self) -> None:

@@ -36,7 +36,9 @@ class ServiceSettings(BaseSettings):
 class EngineSettings(ServiceSettings):
     """Settings of the services that host a model engine (rollout, teacher)."""
 
-    engine: str = Field("vllm", pattern="^(vllm|hf)$", description="Model engine: vllm or hf (transformers).")
+    engine: str = Field("vllm", pattern="^(vllm|hf|synthetic)$",
+                        description="Model engine: vllm or hf (transformers); synthetic is a benchmark instrument.")
+    synthetic_latency_s: float = Field(0.0, ge=0, description="Fixed time per call of the synthetic engine.")
     device: str = Field("cpu", pattern="^(cpu|cuda)$", description="Device the engine runs on.")
     dtype: str = Field("float32", pattern="^(float32|bfloat16|float16)$", description="Engine dtype.")
     kv_cache_bytes: int = Field(64 << 20, ge=0, description="vLLM KV cache size; 0 lets vLLM decide (GPU).")

@@ -29,6 +29,8 @@ DEAD_LETTER = "asyncopd:dead-letter"
 DATA_STREAMS = (PROMPTS, ROLLOUTS, SCORED)
 
 DEAD_LETTERS = Counter("asyncopd_dead_letter_entries_total", "Entries moved to the dead-letter stream.", ["stream"])
+for _stream in DATA_STREAMS:  # at zero from start-up: increase()/rate() need the series before the first one
+    DEAD_LETTERS.labels(_stream)
 
 # One consumer group per stage; group name == the consuming service.
 GROUPS = {PROMPTS: "rollout", ROLLOUTS: "teacher", SCORED: "learner"}

@@ -1,40 +1,66 @@
-"""Tiny HF-format teacher and student built locally (no downloads), loadable by transformers and vLLM alike.
+"""Tiny HF-format teacher and student for the arithmetic task, built and trained locally (no downloads).
 
-Both share one byte-level BPE tokenizer. Shapes respect vLLM's CPU attention (head_dim 32/64/...).
-`python -m asyncopd.tinymodels OUT_DIR` writes OUT_DIR/{teacher,student}; it is deterministic and skips
-models already present.
+The teacher is trained to high held-out accuracy, the student (smaller, trained for fewer steps) to a clearly
+lower one, so distillation has a real gap to close. Both share one byte-level tokenizer (one token per
+character: digits are never merged, which keeps addition learnable at this size). Shapes respect vLLM's CPU
+attention (head_dim 32/64/...). Everything is deterministic from the recipe below and cached under
+`.cache/models/<recipe-hash>/`; `python -m asyncopd.tinymodels OUT_DIR` (or `asyncopd models`) builds them.
 """
 
 from __future__ import annotations
 
 import argparse
-import random
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from asyncopd.tasks import arithmetic
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant: {% endif %}"
 )
 
-SPECS = {
-    # name: (hidden, layers, heads, kv_heads, init std, seed). The teacher's larger init makes it opinionated,
-    # so the student has a real distance to close.
-    "teacher": (128, 2, 2, 1, 0.08, 1),
-    "student": (64, 2, 2, 1, 0.02, 2),
-}
+
+@dataclass(frozen=True)
+class ModelRecipe:
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    steps: int
+    lr: float
+    seed: int
 
 
-def corpus(seed: int = 0, lines: int = 2000) -> list[str]:
-    rnd = random.Random(seed)
-    out = []
-    for _ in range(lines):
-        a, b = rnd.randint(0, 999), rnd.randint(0, 999)
-        op = rnd.choice("+-*")
-        out.append(f"Q: {a}{op}{b}= A: {eval(f'{a}{op}{b}')}")
-    return out
+@dataclass(frozen=True)
+class Recipe:
+    max_value: int = 99
+    train_problems: int = 8000
+    heldout_problems: int = 256
+    split_seed: int = 0
+    batch: int = 128
+    threads: int = 1  # torch threads while training: results depend on it, so it is part of the recipe
+    # Measured on the 2-core dev machine: teacher 98.8 % held-out exact match (~70 s of training), student
+    # 22 % (~8 s). The student's curve is steep (200 steps: 10 %, 250: 65 %), which makes it a quick learner.
+    teacher: ModelRecipe = ModelRecipe(hidden=128, layers=2, heads=2, kv_heads=1, steps=1000, lr=1e-3, seed=1)
+    student: ModelRecipe = ModelRecipe(hidden=64, layers=2, heads=2, kv_heads=1, steps=230, lr=3e-3, seed=2)
+
+    def key(self) -> str:
+        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
 
 
-def build_tokenizer(out: Path, vocab_size: int = 320):
+DEFAULT = Recipe()
+# For tests: same shapes and files, a few optimizer steps (the models are barely trained).
+QUICK = Recipe(teacher=ModelRecipe(hidden=128, layers=2, heads=2, kv_heads=1, steps=20, lr=3e-3, seed=1),
+               student=ModelRecipe(hidden=64, layers=2, heads=2, kv_heads=1, steps=5, lr=3e-3, seed=2))
+
+
+def build_tokenizer(out: Path, vocab_size: int = 259):
+    """Byte-level BPE; at 259 (256 bytes + 3 specials) it has no merges: one token per character."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -43,53 +69,100 @@ def build_tokenizer(out: Path, vocab_size: int = 320):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(corpus(), trainer)
+    tok.train_from_iterator([p.prompt + p.completion for p in arithmetic.problems(0, 2000)], trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(out)
     return fast
 
 
-def build_model(out: Path, name: str, tokenizer) -> None:
+def new_model(spec: ModelRecipe, tokenizer):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    hidden, layers, heads, kv_heads, std, seed = SPECS[name]
-    torch.manual_seed(seed)
+    torch.manual_seed(spec.seed)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=1024,
-        initializer_range=std, tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
+        vocab_size=len(tokenizer), hidden_size=spec.hidden, intermediate_size=spec.hidden * 2,
+        num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads,
+        max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
-    LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
+    return LlamaForCausalLM(config)
 
 
-def build_all(root: Path) -> dict[str, Path]:
-    paths = {name: root / name for name in SPECS}
-    if all((p / "config.json").exists() for p in paths.values()):
-        return paths
-    root.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(root / "tokenizer")
-    for name, path in paths.items():
-        build_model(path, name, tokenizer)
+def train_supervised(model, tokenizer, problems: list[arithmetic.Problem], spec: ModelRecipe, batch: int) -> None:
+    """Teacher-forced cross-entropy on the answer tokens (and end-of-sequence) only."""
+    import torch
+
+    gen = torch.Generator().manual_seed(spec.seed)
+    rows = []
+    for p in problems:
+        prompt = tokenizer(p.prompt)["input_ids"]
+        answer = tokenizer(p.completion)["input_ids"] + [tokenizer.eos_token_id]
+        rows.append((prompt + answer, len(prompt)))
+    width = max(len(ids) for ids, _ in rows)
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id)
+    labels = torch.full((len(rows), width), -100)
+    for i, (seq, plen) in enumerate(rows):
+        ids[i, : len(seq)] = torch.tensor(seq)
+        labels[i, plen : len(seq)] = torch.tensor(seq[plen:])
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=spec.lr, total_steps=spec.steps, pct_start=0.1)
+    model.train()
+    for _ in range(spec.steps):
+        idx = torch.randint(len(rows), (batch,), generator=gen)
+        loss = model(input_ids=ids[idx], attention_mask=(ids[idx] != tokenizer.pad_token_id).long(),
+                     labels=labels[idx]).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    model.eval()
+
+
+def build_all(root: Path, recipe: Recipe = DEFAULT, log=print, link: bool = True) -> dict[str, Path]:
+    """Build (or reuse) the task files and the two models; with `link`, point root/{teacher,student} at them
+    (the paths examples/tiny-job.yaml names). Returns their paths."""
+    base = root / recipe.key()
+    paths = {"teacher": base / "teacher", "student": base / "student", "train": base / "train.jsonl",
+             "heldout": base / "heldout.jsonl"}
+    if not all((paths[n] / "config.json").exists() for n in ("teacher", "student")):
+        _build(paths, base, recipe, log)
+    if link:
+        for name in ("teacher", "student"):
+            tmp = root / f".{name}.link"
+            tmp.unlink(missing_ok=True)
+            tmp.symlink_to(paths[name].relative_to(root))
+            if (root / name).is_dir() and not (root / name).is_symlink():
+                shutil.rmtree(root / name)  # a model directory from an older layout
+            tmp.replace(root / name)
     return paths
 
 
-def write_prompts(path: Path, count: int, seed: int) -> None:
-    import json
+def _build(paths: dict[str, Path], base: Path, recipe: Recipe, log) -> None:
+    import torch
 
-    rnd = random.Random(seed)
-    with open(path, "w") as fh:
-        for _ in range(count):
-            a, b = rnd.randint(0, 99), rnd.randint(0, 99)
-            fh.write(json.dumps({"prompt": f"Q: {a}+{b}= A:"}) + "\n")
+    torch.set_num_threads(recipe.threads)
+    train, heldout = arithmetic.splits(recipe.split_seed, recipe.train_problems, recipe.heldout_problems,
+                                       recipe.max_value)
+    arithmetic.write_jsonl(paths["train"], train)
+    arithmetic.write_jsonl(paths["heldout"], heldout)
+    tokenizer = build_tokenizer(base / "tokenizer")
+    for name in ("teacher", "student"):
+        spec = getattr(recipe, name)
+        t0 = time.time()
+        model = new_model(spec, tokenizer)
+        train_supervised(model, tokenizer, train, spec, recipe.batch)
+        tmp = paths[name].with_name(name + ".tmp")
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(paths[name])
+        log(f"trained {name} ({spec.steps} steps) in {time.time() - t0:.0f} s")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("out", type=Path)
+    ap.add_argument("out", type=Path, nargs="?", default=Path(".cache/models"))
     args = ap.parse_args()
     for name, path in build_all(args.out).items():
         print(f"{name}: {path}")

@@ -46,6 +46,6 @@ def r(redis_server):
 
 @pytest.fixture(scope="session")
 def tiny_models():
-    from asyncopd.tinymodels import build_all
+    from asyncopd.tinymodels import QUICK, build_all
 
-    return build_all(ROOT / ".cache" / "models")
+    return build_all(ROOT / ".cache" / "models", QUICK, link=False)

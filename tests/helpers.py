@@ -15,7 +15,7 @@ def tiny_job(models: dict, **overrides) -> dict:
         "name": "t",
         "student": {"model": str(models["student"])},
         "teacher": {"model": str(models["teacher"])},
-        "prompts": {"path": str(ROOT / "examples" / "tiny-prompts.jsonl")},
+        "prompts": {"path": str(ROOT / "examples" / "arith-train.jsonl")},
         "max_staleness": 1,
         "generation": {"n": 2, "max_tokens": 8},
         "scoring": {"top_k": 4},

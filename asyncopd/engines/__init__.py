@@ -6,7 +6,7 @@ from asyncopd.engines.base import Completion, Engine, SequenceScores
 
 
 def build_engine(kind: str, model: str, *, device: str, dtype: str, seed: int, max_model_len: int,
-                 kv_cache_bytes: int, gpu_memory_utilization: float) -> Engine:
+                 kv_cache_bytes: int, gpu_memory_utilization: float, synthetic_latency_s: float = 0.0) -> Engine:
     if kind == "vllm":
         from asyncopd.engines.vllm_engine import VLLMEngine
 
@@ -16,6 +16,14 @@ def build_engine(kind: str, model: str, *, device: str, dtype: str, seed: int, m
         from asyncopd.engines.hf_engine import HFEngine
 
         return HFEngine(model, device=device, dtype=dtype, seed=seed)
+    if kind == "synthetic":
+        import json
+        from pathlib import Path
+
+        from asyncopd.engines.synthetic import SyntheticEngine
+
+        vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
+        return SyntheticEngine(vocab, synthetic_latency_s, seed)
     raise ValueError(f"unknown engine {kind!r}")
 
 

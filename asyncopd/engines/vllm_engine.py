@@ -13,8 +13,12 @@ class VLLMEngine(Engine):
         # In-process engine core: 3 s to start instead of 27 s, and weights reload by path either way.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+        from transformers import AutoConfig
         from vllm import LLM
 
+        # The setting is an upper bound: a model with a shorter context gets its own limit, not an error.
+        context = getattr(AutoConfig.from_pretrained(model), "max_position_embeddings", None)
+        max_model_len = min(max_model_len, context) if context else max_model_len
         kwargs = {"kv_cache_memory_bytes": kv_cache_bytes} if kv_cache_bytes else {
             "gpu_memory_utilization": gpu_memory_utilization}
         self.llm = LLM(model=model, dtype=dtype, seed=seed, max_model_len=max_model_len,

@@ -23,7 +23,7 @@ def main() -> None:
     runner = JobRunner(runtime.redis, store, settings.tick_s, settings.instance)
     pool = build_pool(settings)
     runtime.start(lambda server: coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(
-        CoordinatorServicer(runtime, pool), server), metrics_server=False, handle_signals=False)
+        CoordinatorServicer(runtime, pool), server), handle_signals=False)
     runtime.set_model_loaded(True)  # the coordinator serves no model: ready once up
 
     def shutdown() -> None:

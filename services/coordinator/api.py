@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field, ValidationError
 from asyncopd import state
 from asyncopd.jobspec import JobSpec
 from services.coordinator.jobs import JobConflict, JobNotFound, JobStore
-from services.coordinator.pools import RolloutPool
+from services.coordinator.pools import PoolError, RolloutPool
 from services.coordinator.runner import JobRunner
 
 
@@ -121,16 +121,27 @@ def create_app(store: JobStore, runner: JobRunner, pool: RolloutPool, api_token:
 
     @app.get("/v1/pools", dependencies=v1)
     def pools():
+        """Live instances per pool (heartbeats) and the rollout pool's desired size. When the pool backend
+        cannot answer (Kubernetes API unreachable or refusing), `desired` is null and `desired_error` says why."""
         live = state.live_services(r)
         out = {}
         for name in ("rollout", "teacher", "learner"):
             members = [s for s in live if s["service"] == name]
             out[name] = {"live": len(members), "instances": members}
-        out["rollout"]["desired"] = pool.desired()
+        try:
+            out["rollout"]["desired"] = pool.desired()
+        except PoolError as exc:
+            out["rollout"]["desired"], out["rollout"]["desired_error"] = None, str(exc)
         return out
 
-    @app.put("/v1/pools/rollout", dependencies=v1)
+    @app.put("/v1/pools/rollout", dependencies=v1, responses={
+        502: {"description": "the Kubernetes API refused (401, 403, 404, ...)"},
+        503: {"description": "the Kubernetes API is unreachable"},
+        504: {"description": "the Kubernetes API timed out"}})
     def scale(body: ScaleBody):
-        return {"replicas": pool.scale(body.replicas)}
+        try:
+            return {"replicas": pool.scale(body.replicas)}
+        except PoolError as exc:
+            raise HTTPException(exc.status_code, str(exc)) from None
 
     return app

@@ -1,4 +1,11 @@
+import grpc
+
 from asyncopd.v1 import coordinator_pb2, coordinator_pb2_grpc
+from services.coordinator.pools import PoolError
+
+# The REST status of a PoolError, as the gRPC status a caller can act on.
+_STATUS = {502: grpc.StatusCode.FAILED_PRECONDITION, 503: grpc.StatusCode.UNAVAILABLE,
+           504: grpc.StatusCode.DEADLINE_EXCEEDED}
 
 
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
@@ -9,4 +16,9 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         return self.runtime.status()
 
     def ScaleRollout(self, request, context):  # noqa: N802
-        return coordinator_pb2.ScaleResponse(replicas=self.pool.scale(request.replicas))
+        if request.replicas < 0:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "replicas must be >= 0")
+        try:
+            return coordinator_pb2.ScaleResponse(replicas=self.pool.scale(request.replicas))
+        except PoolError as exc:
+            context.abort(_STATUS.get(exc.status_code, grpc.StatusCode.INTERNAL), str(exc))

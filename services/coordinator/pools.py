@@ -16,6 +16,14 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
+class PoolError(RuntimeError):
+    """Scaling failed in the backend; `status_code` is what the REST API answers."""
+
+    def __init__(self, status_code: int, message: str) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+
+
 class RolloutPool(ABC):
     @abstractmethod
     def desired(self) -> int: ...
@@ -77,5 +85,5 @@ def build_pool(settings) -> RolloutPool:
     if settings.pool_backend == "kubernetes":
         from services.coordinator.k8s_pool import KubernetesPool
 
-        return KubernetesPool(settings.k8s_namespace, settings.k8s_rollout_deployment)
+        return KubernetesPool(settings.k8s_namespace, settings.k8s_rollout_deployment, settings=settings)
     return LocalPool(settings.rollout_replicas, settings.log_dir)

@@ -24,6 +24,14 @@ RELEASED = Counter("asyncopd_prompts_released_total", "Prompts released to the r
 STREAM_LENGTH = Gauge("asyncopd_stream_length_entries", "Entries in a stream.", ["stream"])
 STREAM_PENDING = Gauge("asyncopd_stream_pending_entries", "Entries delivered but not acked.", ["stream"])
 JOBS = Gauge("asyncopd_jobs", "Jobs by state.", ["state"])
+JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+# Every labelled series exists at zero from start-up, so dashboards and alerts see 0, not "no data".
+for _state in JOB_STATES:
+    JOBS.labels(_state)
+for _stream in streams.DATA_STREAMS:
+    STREAM_LENGTH.labels(_stream)
+    STREAM_PENDING.labels(_stream)
+STREAM_LENGTH.labels(streams.DEAD_LETTER)
 EVENTS_GROUP = "coordinator"
 
 
@@ -140,7 +148,7 @@ class JobRunner:
             STREAM_LENGTH.labels(stream).set(stats["length"])
             STREAM_PENDING.labels(stream).set(stats["pending"])
         STREAM_LENGTH.labels(streams.DEAD_LETTER).set(self.r.xlen(streams.DEAD_LETTER))
-        counts = dict.fromkeys(("queued", "running", "succeeded", "failed", "cancelled"), 0)
+        counts = dict.fromkeys(JOB_STATES, 0)
         for job_id in self.store.ids():
             s = self.store.field(job_id, "state")
             if s in counts:

@@ -16,5 +16,11 @@ class CoordinatorSettings(ServiceSettings):
     rollout_replicas: int = Field(1, ge=0, le=1024, description="Rollout workers started with the local backend.")
     k8s_namespace: str = Field("default", description="Namespace of the rollout Deployment.")
     k8s_rollout_deployment: str = Field("asyncopd-rollout", description="Deployment scaled by PUT /v1/pools/rollout.")
+    k8s_api_url: str | None = Field(None, description="Kubernetes API server; default in a pod: "
+                                    "https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT.")
+    k8s_token_file: Path = Field(Path("/var/run/secrets/kubernetes.io/serviceaccount/token"),
+                                 description="Bearer token for the Kubernetes API (re-read at every call).")
+    k8s_ca_file: Path | None = Field(Path("/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"),
+                                     description="CA bundle verifying an https Kubernetes API server.")
     log_dir: Path = Field(Path(".run/logs"), description="Logs of locally started rollout workers.")
     tick_s: float = Field(0.1, gt=0, description="Admission-control loop period.")

@@ -100,6 +100,7 @@ class Learner:
         spec = job.spec
         trainer = self.comm.start(job, self.settings)
         self.rt.set_model_loaded(True, job.id)
+        metrics.OBJECTIVE.clear()  # the previous job's objective may have reported other metric names
         # Records past the checkpoint we resumed from are about to be trained again.
         if trainer.version:
             self.r.ltrim(state.steps_key(job.id), 0, trainer.version - 1)
@@ -137,6 +138,7 @@ class Learner:
                 "step": t + 1, "version": trainer.version, "samples": len(fresh), "dropped_stale": dropped,
                 "lost": assembler.lost(t), "staleness": staleness_tally(fresh, t),
                 "max_staleness": max((t - e.policy_version for e in fresh), default=0),
+                "mean_staleness": sum(t - e.policy_version for e in fresh) / max(len(fresh), 1),
                 "wait_s": round(wait_s, 4), "publish_s": round(publish_s, 4), "time": time.time(), **result,
             }
             self.r.rpush(state.steps_key(job.id), json.dumps(record))

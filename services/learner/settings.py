@@ -14,4 +14,4 @@ class LearnerSettings(ServiceSettings):
     read_count: int = Field(256, ge=1, description="Scored entries fetched per read.")
     max_deliveries: int = Field(5, ge=1, description="Dead-letter a scored entry after this many deliveries.")
     keep_versions: int = Field(2, ge=1, description="Published weight versions kept beyond the staleness budget.")
-    loss_chunk_tokens: int = Field(4096, ge=1, description="Completion positions per log-softmax chunk.")
+    loss_chunk_tokens: int = Field(1024, ge=1, description="Completion positions per log-softmax chunk.")

@@ -6,6 +6,8 @@ per-step records through the API, not the coordinator's view of what it released
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 import grpc
@@ -122,6 +124,33 @@ def test_scaling_the_rollout_pool_mid_job_loses_nothing(stack, tiny_models):
     done = wait_job(api, job["id"])
     check_accounting(done, steps_of(api, job["id"]), 2)
     assert done["progress"]["samples_dead_lettered"] == 0
+
+
+def test_a_rollout_worker_killed_mid_job_loses_nothing(stack, tiny_models):
+    """SIGKILL one of two rollout workers while it holds prompts: the survivor reclaims them (XAUTOCLAIM after
+    ASYNCOPD_RECLAIM_IDLE_MS=5000 here) and the job completes with every sample accounted for."""
+    api = stack["api_url"]
+    r = redis.Redis.from_url(stack["redis_url"], decode_responses=True)
+    assert httpx.put(f"{api}/v1/pools/rollout", json={"replicas": 2}).json() == {"replicas": 2}
+    for _ in range(300):
+        if sum(1 for s in state.live_services(r, "rollout") if not s.get("draining")) == 2:
+            break
+        time.sleep(0.2)
+    job = submit(api, tiny_job(tiny_models, max_staleness=2, train={"steps": 40, "checkpoint_every": 20}))
+    victim = None
+    for _ in range(600):
+        pending = {c["name"]: c["pending"] for c in r.xinfo_consumers(streams.PROMPTS, "rollout")}
+        holders = [s for s in state.live_services(r, "rollout") if pending.get(s["instance"], 0) > 0]
+        if holders:
+            victim = holders[0]
+            os.kill(victim["pid"], signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    assert victim is not None, "no rollout worker was ever seen holding prompts"
+    done = wait_job(api, job["id"])
+    check_accounting(done, steps_of(api, job["id"]), 2)
+    assert done["progress"]["samples_dead_lettered"] == 0
+    httpx.put(f"{api}/v1/pools/rollout", json={"replicas": 1})
 
 
 def test_grpc_health_per_service(stack):

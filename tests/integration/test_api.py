@@ -97,10 +97,12 @@ def test_missing_paths_fail_the_job_with_a_reason(api, tiny_models, patch, needl
 
 
 def test_different_tokenizers_fail_at_once(api, tiny_models, tmp_path):
-    from asyncopd.tinymodels import build_model, build_tokenizer
+    from asyncopd.tinymodels import DEFAULT, build_tokenizer, new_model
 
     other = tmp_path / "other"
-    build_model(other, "student", build_tokenizer(tmp_path / "tok", vocab_size=300))
+    tok = build_tokenizer(tmp_path / "tok", vocab_size=300)
+    new_model(DEFAULT.student, tok).save_pretrained(other)
+    tok.save_pretrained(other)
     job = submit(api, tiny_job(tiny_models, teacher={"model": str(other)}))
     done = wait_job(api, job["id"], timeout_s=30)
     assert done["state"] == "failed" and "tokenizers differ" in done["reason"]

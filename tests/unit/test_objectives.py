@@ -29,6 +29,7 @@ from services.learner.objectives import (
     build_objective,
     chunked_student_logprobs_loss,
     flatten_completion,
+    sampled_token_logprobs,
 )
 from services.learner.objectives.stabilizers import solve_m2po_bound
 
@@ -316,6 +317,29 @@ def test_chunked_loss_backpropagates_into_the_model_and_runs_without_grad():
     assert not value.requires_grad
     torch.testing.assert_close(value, loss.detach())
     assert metrics["kl_estimate"] > 0
+
+
+@pytest.mark.parametrize("spec", [M2POSpec(second_moment_budget=0.002), MixedSpec()], ids=lambda s: s.kind)
+def test_an_objective_bound_on_the_whole_batch_keeps_its_statistic_on_a_share_of_it(spec):
+    """The learner binds on the global batch (all ranks); each rank's chunked loss must not re-bind on its share."""
+    n, v, h = 40, 30, 8
+    gen = torch.Generator().manual_seed(21)
+    hidden = torch.randn(n, h, generator=gen, dtype=F64)
+    weight = torch.randn(v, h, generator=gen, dtype=F64)
+    student = (hidden @ weight.T).log_softmax(-1)
+    behavior = (student + 0.5 * torch.randn(n, v, generator=gen, dtype=F64)).log_softmax(-1)
+    batch = make_batch(logits(n, v, seed=22).log_softmax(-1), behavior, k=4, generator=gen)
+    objective = build_objective(spec)
+    bound = objective.bind(sampled_token_logprobs(hidden, weight, batch, chunk_size=7), batch)
+    assert objective.batch_level == (spec.kind == "m2po") and not bound.batch_level
+    share = batch.slice(0, 13)
+    _, whole = chunked_student_logprobs_loss(hidden, weight, batch, objective, chunk_size=7)
+    _, shared = chunked_student_logprobs_loss(hidden[:13], weight, share, bound, chunk_size=5)
+    _, rebound = chunked_student_logprobs_loss(hidden[:13], weight, share, objective, chunk_size=5)
+    if spec.kind == "m2po":
+        assert shared["m2po_tau"] == whole["m2po_tau"] != rebound["m2po_tau"]
+    else:
+        assert shared == rebound
 
 
 @pytest.mark.parametrize("spec", CHUNK_SPECS, ids=lambda s: s.kind)

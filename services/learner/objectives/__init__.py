@@ -6,7 +6,7 @@ docs/objectives.md has the formulas and when to use which.
 
 from .base import Objective, ObjectiveOutput, TokenBatch, flatten_completion, merge_metrics
 from .build import build_objective
-from .chunked import chunked_student_logprobs_loss
+from .chunked import chunked_student_logprobs_loss, sampled_token_logprobs
 
 __all__ = [
     "Objective",
@@ -16,4 +16,5 @@ __all__ = [
     "chunked_student_logprobs_loss",
     "flatten_completion",
     "merge_metrics",
+    "sampled_token_logprobs",
 ]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -72,8 +71,9 @@ class Objective(ABC):
     """Turns the current student's log-probs into a per-token loss."""
 
     # True when the loss depends on a statistic of the whole batch (M2PO's clip range): a chunked caller
-    # must then compute that statistic first and call `bind`, or every chunk would use its own.
-    batch_level: ClassVar[bool] = False
+    # must then compute that statistic first and call `bind`, or every chunk would use its own. A bound
+    # objective is no longer batch-level (its statistic is fixed), so binding twice is never needed.
+    batch_level: bool = False
 
     @abstractmethod
     def __call__(self, student_logprobs_NV: Tensor, batch: TokenBatch) -> ObjectiveOutput:

@@ -33,8 +33,10 @@ def chunked_student_logprobs_loss(
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    if objective.batch_level:
-        objective = objective.bind(_sampled_logprobs(hidden_NH, lm_head_weight_VH, batch, chunk_size), batch)
+    if objective.batch_level:  # not yet bound by the caller: bind on this batch
+        objective = objective.bind(
+            sampled_token_logprobs(hidden_NH, lm_head_weight_VH, batch, chunk_size), batch
+        )
     parts: Metrics = []
     if torch.is_grad_enabled() and (hidden_NH.requires_grad or lm_head_weight_VH.requires_grad):
         loss = _ChunkedLoss.apply(hidden_NH, lm_head_weight_VH, batch, objective, chunk_size, parts)
@@ -56,7 +58,9 @@ def _logprobs(hidden: Tensor, weight: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def _sampled_logprobs(hidden_NH: Tensor, weight_VH: Tensor, batch: TokenBatch, chunk_size: int) -> Tensor:
+def sampled_token_logprobs(hidden_NH: Tensor, weight_VH: Tensor, batch: TokenBatch, chunk_size: int) -> Tensor:
+    """[N] log pi_theta(y_t) of the sampled tokens, chunk by chunk and without grad: what `Objective.bind`
+    needs, computed before the loss (a learner binding on a batch spread over ranks gathers these)."""
     ids_N = batch.sampled_ids.long()
     return torch.cat(
         [

@@ -15,6 +15,12 @@ class Mixed(Objective):
         self.alpha = alpha
         self.forward = forward
         self.reverse = reverse
+        self.batch_level = forward.batch_level or reverse.batch_level
+
+    def bind(self, sampled_logprobs_N: Tensor, batch: TokenBatch) -> Mixed:
+        return Mixed(
+            self.alpha, self.forward.bind(sampled_logprobs_N, batch), self.reverse.bind(sampled_logprobs_N, batch)
+        )
 
     def __call__(self, student_logprobs_NV: Tensor, batch: TokenBatch) -> ObjectiveOutput:
         fwd = self.forward(student_logprobs_NV, batch)

@@ -93,6 +93,7 @@ class M2PO(Objective):
     def __init__(self, second_moment_budget: float = 0.04, bound: M2POBound | None = None) -> None:
         self.budget = second_moment_budget
         self.bound = bound
+        self.batch_level = bound is None
 
     def bind(self, sampled_logprobs_N: Tensor, batch: TokenBatch) -> M2PO:
         return M2PO(self.budget, self._solve(sampled_logprobs_N, batch))
