@@ -19,14 +19,16 @@ def read_rows(path: str | Path, limit: int | None = None) -> list[dict]:
 class Evaluator:
     """Loads the teacher once; evaluates any number of student checkpoints on the same held-out rows."""
 
-    def __init__(self, teacher_dir: str, rows: list[dict], max_tokens: int = 8, seed: int = 0) -> None:
+    def __init__(self, teacher_dir: str, rows: list[dict], max_tokens: int = 8, seed: int = 0,
+                 with_kl: bool = True) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.torch = torch
         self.tok = AutoTokenizer.from_pretrained(teacher_dir)
         self.tok.padding_side = "left"
-        self.teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
+        self.teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval() \
+            if with_kl else None
         self.rows, self.max_tokens, self.seed = rows, max_tokens, seed
 
     def _load(self, model_dir: str):
@@ -67,7 +69,8 @@ class Evaluator:
 
     def evaluate(self, model_dir: str) -> dict:
         model = self._load(model_dir)
-        return {"accuracy": self.accuracy(model), "kl_to_teacher": self.kl_to_teacher(model)}
+        kl = self.kl_to_teacher(model) if self.teacher is not None else None
+        return {"accuracy": self.accuracy(model), "kl_to_teacher": kl}
 
     def teacher_accuracy(self) -> float | None:
         return self.accuracy(self.teacher)

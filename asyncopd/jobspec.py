@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
 from asyncopd.objective_spec import ObjectiveSpec
 
@@ -49,10 +49,19 @@ class Train(_Strict):
     steps: int = Field(20, ge=1, le=10_000_000, description="Optimizer steps (= published policy versions).")
     prompts_per_step: int = Field(8, ge=1, le=65_536, description="Prompts per step; samples = this x n.")
     learning_rate: float = Field(1e-4, gt=0, le=1.0)
+    warmup_steps: int = Field(10, ge=0, description="Linear learning-rate warmup; Adam's first steps move every "
+                              "weight by ~lr whatever the gradient, which wrecks a converged student without it.")
     weight_decay: float = Field(0.0, ge=0, le=1.0)
     grad_clip: float = Field(1.0, gt=0)
     checkpoint_every: int = Field(10, ge=1, description="DeepSpeed checkpoint every N steps (for resume).")
     seed: int = Field(0, ge=0)
+
+
+class Eval(_Strict):
+    every: int = Field(0, ge=0, description="Evaluate the published student on prompts.heldout_path every N steps "
+                       "(and before the first and after the last); 0 = never.")
+    kl: bool = Field(True, description="Also measure the exact KL to the teacher, which loads the teacher in the "
+                     "learner (fine for small teachers; turn off for large ones).")
 
 
 class JobSpec(_Strict):
@@ -67,6 +76,7 @@ class JobSpec(_Strict):
     generation: Generation = Field(default_factory=Generation)
     scoring: Scoring = Field(default_factory=Scoring)
     train: Train = Field(default_factory=Train)
+    eval: Eval = Field(default_factory=Eval)
     output_dir: str | None = Field(None, description="Where the distilled student goes; default data_dir/jobs/<id>.")
 
     @field_validator("objective")
@@ -81,6 +91,12 @@ class JobSpec(_Strict):
             raise ValueError("objective.support 'student' needs the rollout student's top-K per position, "
                              "which the rollout service does not produce yet")
         return objective
+
+    @model_validator(mode="after")
+    def _eval_has_prompts(self) -> JobSpec:
+        if self.eval.every and not self.prompts.heldout_path:
+            raise ValueError("eval.every needs prompts.heldout_path (the held-out prompts to evaluate on)")
+        return self
 
     def samples_per_step(self) -> int:
         return self.train.prompts_per_step * self.generation.n

@@ -32,8 +32,8 @@ def steps_key(job_id: str) -> str:
     return f"asyncopd:job:{job_id}:steps"
 
 
-def trained_key(job_id: str) -> str:
-    return f"asyncopd:job:{job_id}:trained"
+def evals_key(job_id: str) -> str:
+    return f"asyncopd:job:{job_id}:evals"
 
 
 def service_key(service: str, instance: str) -> str:

@@ -104,9 +104,10 @@ def create_app(store: JobStore, runner: JobRunner, pool: RolloutPool, api_token:
 
     @app.get("/v1/jobs/{job_id}/steps", dependencies=v1)
     def get_steps(job_id: str):
-        """The learner's per-step records: loss, KL, staleness histogram, drops, timings."""
+        """The learner's per-step records (loss, KL, staleness histogram, drops, timings) and its held-out
+        evaluations (accuracy, KL to the teacher) when the job asked for them."""
         try:
-            return {"steps": store.steps(job_id)}
+            return store.records(job_id)
         except JobNotFound:
             raise HTTPException(404, f"no job {job_id}") from None
 

@@ -101,6 +101,7 @@ class JobStore:
         lost = sum(int(v) for v in self.r.hgetall(streams.lost_key(job_id)).values())
         queue = self.r.lrange(state.QUEUE, 0, -1)
         last = steps[-1] if steps else {}
+        evals = self.r.lrange(state.evals_key(job_id), -1, -1)
         return {
             "id": job_id,
             "name": h["name"],
@@ -124,11 +125,14 @@ class JobStore:
                 "max_staleness_trained": max((s["max_staleness"] for s in steps), default=0),
                 "last_loss": last.get("loss"),
                 "last_kl": last.get("kl"),
+                "last_eval": json.loads(evals[0]) if evals else None,
             },
             "spec": spec.model_dump(mode="json"),
         }
 
-    def steps(self, job_id: str) -> list[dict]:
+    def records(self, job_id: str) -> dict[str, list[dict]]:
+        """The learner's per-step records and its held-out evaluations."""
         if not self.exists(job_id):
             raise JobNotFound(job_id)
-        return [json.loads(s) for s in self.r.lrange(state.steps_key(job_id), 0, -1)]
+        return {name: [json.loads(s) for s in self.r.lrange(key(job_id), 0, -1)]
+                for name, key in (("steps", state.steps_key), ("evals", state.evals_key))}

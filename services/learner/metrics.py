@@ -13,3 +13,4 @@ VERSION = Gauge("asyncopd_policy_version", "Policy version last published.")
 STEP = Gauge("asyncopd_job_step", "Steps completed in the active job.")
 OBJECTIVE = Gauge("asyncopd_learner_objective", "Objective diagnostics of the last step (KL estimate, "
                   "importance-ratio mean/max, fraction clipped).", ["metric"])
+EVAL = Gauge("asyncopd_learner_eval", "Held-out evaluation of the last evaluated version.", ["metric"])

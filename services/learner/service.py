@@ -105,12 +105,15 @@ class Learner:
         if trainer.version:
             self.r.ltrim(state.steps_key(job.id), 0, trainer.version - 1)
         else:
-            self.r.delete(state.steps_key(job.id))
+            self.r.delete(state.steps_key(job.id), state.evals_key(job.id))
         assembler = BatchAssembler(self.r, self.settings.consumer, job.id, spec.samples_per_step(),
                                    self.settings.read_count, self.settings.max_deliveries)
         unacked: list[str] = []
         records = open_records(job)
         self.progress = {"job_id": job.id, "step": trainer.version, "policy_version": trainer.version}
+        evaluator = HeldoutEval(self.r, job) if spec.eval.every else None
+        if evaluator and trainer.version == 0:
+            evaluator.run(0, spec.student.model)
         for t in range(trainer.version, spec.train.steps):
             t_wait = time.perf_counter()
             while not assembler.complete(t):
@@ -145,6 +148,8 @@ class Learner:
             records.write(json.dumps(record) + "\n")
             records.flush()
             self._observe(record)
+            if evaluator and (trainer.version % spec.eval.every == 0 or trainer.version == spec.train.steps):
+                evaluator.run(trainer.version, path)
             unacked += [m.id for m, _ in items]
             if trainer.version % spec.train.checkpoint_every == 0 or trainer.version == spec.train.steps:
                 self.comm.call("checkpoint")
@@ -170,6 +175,29 @@ class Learner:
         self.rt.info["processed"] += record["samples"]
         self.progress.update(step=record["step"], policy_version=record["version"], last_loss=record["loss"],
                              last_kl=record["kl"])
+
+
+class HeldoutEval:
+    """Held-out accuracy and KL to the teacher of published versions, recorded in the job's results."""
+
+    def __init__(self, r, job: state.ActiveJob) -> None:
+        from asyncopd.evaluate import Evaluator, read_rows
+
+        spec = job.spec
+        self.r, self.job = r, job
+        rows = read_rows(spec.prompts.heldout_path, spec.prompts.heldout_limit)
+        self.evaluator = Evaluator(spec.teacher.model, rows, max_tokens=spec.generation.max_tokens,
+                                   seed=spec.train.seed, with_kl=spec.eval.kl)
+
+    def run(self, version: int, model_dir: str) -> None:
+        t0 = time.perf_counter()
+        scores = self.evaluator.evaluate(model_dir)
+        result = {"step": version, **scores, "eval_s": round(time.perf_counter() - t0, 3), "time": time.time()}
+        self.r.rpush(state.evals_key(self.job.id), json.dumps(result))
+        for name in ("accuracy", "kl_to_teacher"):
+            if result.get(name) is not None:
+                metrics.EVAL.labels(name).set(result[name])
+        log.info("job %s eval at version %d: %s", self.job.id, version, result)
 
 
 def open_records(job: state.ActiveJob):

@@ -15,3 +15,5 @@ class LearnerSettings(ServiceSettings):
     max_deliveries: int = Field(5, ge=1, description="Dead-letter a scored entry after this many deliveries.")
     keep_versions: int = Field(2, ge=1, description="Published weight versions kept beyond the staleness budget.")
     loss_chunk_tokens: int = Field(1024, ge=1, description="Completion positions per log-softmax chunk.")
+    synthetic_step_s: float = Field(0.0, ge=0, description="Benchmark instrument, never a default: pad every "
+                                    "step to this duration, so pipeline efficiency is measured with fixed stages.")

@@ -215,7 +215,10 @@ class Trainer:
             "bf16": {"enabled": settings.dtype == "bfloat16"},
             "steps_per_print": 10**9,
         }
-        self.engine, *_ = deepspeed.initialize(model=self.net, optimizer=optimizer, config=config)
+        warmup = spec.train.warmup_steps
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
+        self.engine, *_ = deepspeed.initialize(model=self.net, optimizer=optimizer, lr_scheduler=schedule,
+                                               config=config)
         self.objective = build_objective(spec.objective)
         self.out = Path(job.output_dir)
         self.ckpt_dir = self.out / "checkpoints"
@@ -249,6 +252,8 @@ class Trainer:
         self.engine.backward(loss_sum * scale)
         self.engine.step()
         self.version += 1
+        if self.settings.synthetic_step_s:
+            time.sleep(max(0.0, self.settings.synthetic_step_s - (time.perf_counter() - t0)))
         kl_sum = float((batch.behavior_logprobs - batch.teacher_sampled_logprobs).sum()) if real else 0.0
         part = (local_tokens, float(loss_sum.detach()) if real else 0.0, kl_sum, objective_metrics)
         parts = [part]
