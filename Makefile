@@ -50,6 +50,7 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 bench: setup
+	$(VENV)/bin/asyncopd models
 	$(VENV)/bin/asyncopd bench
 
 clean:

@@ -226,7 +226,8 @@ def cmd_eval(args) -> None:
 def cmd_bench(args) -> None:
     from asyncopd.bench import run
 
-    run(args.file, args.budgets, args.engine, args.out, args.run_dir / "bench")
+    args.argv = sys.argv[2:]
+    run(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -274,9 +275,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=256)
     p.add_argument("--max-tokens", type=int, default=8)
     p.set_defaults(func=cmd_eval)
-    p = sub.add_parser("bench", help="throughput of the example job at several staleness budgets")
+    p = sub.add_parser("bench", help="experiments through the real stack: throughput, pipeline, findings")
     p.add_argument("file", type=Path, nargs="?", default=Path("examples/tiny-job.yaml"))
-    p.add_argument("--budgets", type=int, nargs="+", default=[0, 2])
+    p.add_argument("--suite", choices=("all", "throughput", "pipeline", "findings"), default="all")
+    p.add_argument("--budgets", type=int, nargs="+", default=[0, 1, 2, 4])
+    p.add_argument("--target", type=float, default=0.6, help="held-out accuracy for time-to-target")
+    p.add_argument("--objectives", nargs="+",
+                   default=["forward_kl_topk", "reverse_kl_sampled", "reverse_kl_recompute"])
+    p.add_argument("--findings-budgets", type=int, nargs="+", default=[0, 2, 8])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--findings-steps", type=int, default=300)
+    p.add_argument("--smoke", action="store_true", help="a few steps per job: checks the harness, measures nothing")
     p.add_argument("--engine", choices=("vllm", "hf"), default="vllm")
     p.add_argument("--out", type=Path, default=Path("docs/results"))
     p.set_defaults(func=cmd_bench)

