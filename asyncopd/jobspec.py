@@ -82,11 +82,8 @@ class JobSpec(_Strict):
     @field_validator("objective")
     @classmethod
     def _objective_data_is_produced(cls, objective: ObjectiveSpec) -> ObjectiveSpec:
-        # The rollout does not yet draw extra tokens per position nor ship its own top-K: refuse objectives
-        # that need them at submission (a 422 on field "objective"), rather than failing inside the learner.
-        if objective.mc_samples():
-            raise ValueError(f"objective.kind {objective.kind} needs {objective.mc_samples()} extra "
-                             "student samples per position, which the rollout service does not produce yet")
+        # The rollout does not yet ship its own top-K per position: refuse what needs it at submission (a 422
+        # on field "objective"), rather than failing inside the learner.
         if objective.needs_student_topk():
             raise ValueError("objective.support 'student' needs the rollout student's top-K per position, "
                              "which the rollout service does not produce yet")

@@ -122,14 +122,19 @@ class RolloutEntry(Entry):
     """Rollout → teacher: one sampled completion with the behaviour policy's log-probs and version."""
 
     SCHEMA = "asyncopd.rollout"
-    INT_ARRAYS = ("prompt_token_ids", "completion_token_ids")
-    FLOAT_ARRAYS = ("behavior_logprobs",)
+    INT_ARRAYS = ("prompt_token_ids", "completion_token_ids", "mc_token_ids")
+    FLOAT_ARRAYS = ("behavior_logprobs", "mc_behavior_logprobs")
     sample_id: str
     prompt_token_ids: list[int]
     completion_token_ids: list[int]
     behavior_logprobs: list[float]
     policy_version: int
     finish_reason: str = ""
+    # Monte Carlo objectives only: per position, mc_samples extra tokens drawn from the behaviour policy
+    # ([L * mc_samples], row-major) and their behaviour log-probs; empty otherwise.
+    mc_samples: int = 0
+    mc_token_ids: list[int] = []
+    mc_behavior_logprobs: list[float] = []
 
 
 class ScoredEntry(RolloutEntry):
@@ -137,11 +142,13 @@ class ScoredEntry(RolloutEntry):
 
     SCHEMA = "asyncopd.scored"
     INT_ARRAYS = RolloutEntry.INT_ARRAYS + ("teacher_topk_ids",)
-    FLOAT_ARRAYS = RolloutEntry.FLOAT_ARRAYS + ("teacher_sampled_logprobs", "teacher_topk_logprobs")
+    FLOAT_ARRAYS = RolloutEntry.FLOAT_ARRAYS + ("teacher_sampled_logprobs", "teacher_topk_logprobs",
+                                                "mc_teacher_logprobs")
     top_k: int
     teacher_sampled_logprobs: list[float]
     teacher_topk_ids: list[int]  # [L * top_k], row-major
     teacher_topk_logprobs: list[float]
+    mc_teacher_logprobs: list[float] = []  # [L * mc_samples]: the teacher's log-prob of each mc token
 
 
 def lost_key(job_id: str) -> str:

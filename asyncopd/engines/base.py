@@ -34,6 +34,18 @@ class Engine(ABC):
         """Log-probs at temperature 1 (the model's own distribution), whatever the sampling temperature."""
 
     @abstractmethod
+    def sample_positions(self, prompts: list[list[int]], completions: list[list[int]], *, m: int,
+                         temperature: float, seeds: list[int]) -> list[tuple[list[list[int]], list[list[float]]]]:
+        """Per completion position: m tokens drawn with replacement from the distribution that sampled that
+        position (the behaviour policy at `temperature`), and their log-probs under it. For Monte Carlo
+        objectives (reverse_kl_mc)."""
+
+    @abstractmethod
+    def score_tokens(self, prompts: list[list[int]], completions: list[list[int]],
+                     token_ids: list[list[list[int]]]) -> list[list[list[float]]]:
+        """Log-probs at temperature 1 of the given tokens at each completion position ([L][m] per sequence)."""
+
+    @abstractmethod
     def load_weights(self, path: str, version: int) -> None:
         """Swap in the weights in `path` (HF safetensors layout). Called between requests only."""
 

@@ -52,14 +52,42 @@ class HFEngine(Engine):
             completions.append(Completion(row[:end], lp[:end], "stop" if stopped else "length"))
         return completions
 
+    def _completion_logprobs(self, prompt: list[int], completion: list[int], temperature: float = 1.0):
+        """[L, V] log-probs of the distributions that predict each completion token."""
+        ids = torch.tensor([prompt + completion], device=self.device)
+        logits = self.model(input_ids=ids).logits[0].float()
+        # Position j of the completion is predicted by the logits one token earlier.
+        return torch.log_softmax(logits[len(prompt) - 1 : len(prompt) + len(completion) - 1] / temperature, dim=-1)
+
+    @torch.no_grad()
+    def sample_positions(self, prompts, completions, *, m, temperature, seeds):
+        out = []
+        for prompt, completion, seed in zip(prompts, completions, seeds, strict=True):
+            if not completion:
+                out.append(([], []))
+                continue
+            gen = torch.Generator(device=self.device).manual_seed(seed)
+            logp = self._completion_logprobs(prompt, completion, temperature)
+            ids = torch.multinomial(logp.exp(), m, replacement=True, generator=gen)
+            out.append((ids.tolist(), logp.gather(1, ids).tolist()))
+        return out
+
+    @torch.no_grad()
+    def score_tokens(self, prompts, completions, token_ids):
+        out = []
+        for prompt, completion, ids in zip(prompts, completions, token_ids, strict=True):
+            if not completion:
+                out.append([])
+                continue
+            logp = self._completion_logprobs(prompt, completion)
+            out.append(logp.gather(1, torch.tensor(ids, device=self.device)).tolist())
+        return out
+
     @torch.no_grad()
     def score(self, prompts, completions, *, top_k):
         out = []
         for prompt, completion in zip(prompts, completions, strict=True):
-            ids = torch.tensor([prompt + completion], device=self.device)
-            logits = self.model(input_ids=ids).logits[0].float()
-            # Position j of the completion is predicted by the logits one token earlier.
-            logp = torch.log_softmax(logits[len(prompt) - 1 : len(prompt) + len(completion) - 1], dim=-1)
+            logp = self._completion_logprobs(prompt, completion)
             target = torch.tensor(completion, device=self.device)
             top = logp.topk(min(top_k, logp.shape[-1]), dim=-1)
             out.append(SequenceScores(logp.gather(1, target[:, None]).squeeze(1).tolist(),

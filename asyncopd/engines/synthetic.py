@@ -28,5 +28,12 @@ class SyntheticEngine(Engine):
         return [SequenceScores([self.logp] * len(c), [list(range(k)) for _ in c], [[self.logp] * k for _ in c])
                 for c in completions]
 
+    def sample_positions(self, prompts, completions, *, m, temperature, seeds):
+        return [([[self.rnd.randrange(3, self.vocab_size) for _ in range(m)] for _ in c], [[self.logp] * m for _ in c])
+                for c in completions]
+
+    def score_tokens(self, prompts, completions, token_ids):
+        return [[[self.logp] * len(row) for row in ids] for ids in token_ids]
+
     def load_weights(self, path, version):
         self.version = version

@@ -22,7 +22,9 @@ class VLLMEngine(Engine):
         kwargs = {"kv_cache_memory_bytes": kv_cache_bytes} if kv_cache_bytes else {
             "gpu_memory_utilization": gpu_memory_utilization}
         self.llm = LLM(model=model, dtype=dtype, seed=seed, max_model_len=max_model_len,
-                       enforce_eager=device == "cpu", logprobs_mode="processed_logprobs", **kwargs)
+                       enforce_eager=device == "cpu", logprobs_mode="processed_logprobs",
+                       # Full-vocabulary prompt log-probs are only asked for by score_tokens (reverse_kl_mc).
+                       max_logprobs=-1, **kwargs)
 
     def generate(self, prompts, *, n, max_tokens, temperature, seeds):
         from vllm import SamplingParams, TokensPrompt
@@ -57,6 +59,37 @@ class VLLMEngine(Engine):
                 lps.append([v for _, _, v in top])
             result.append(SequenceScores(sampled, ids, lps))
         return result
+
+    def sample_positions(self, prompts, completions, *, m, temperature, seeds):
+        from vllm import SamplingParams, TokensPrompt
+
+        # One 1-token request per prefix, n=m: the prefix cache makes the shared prefixes cheap.
+        requests, params, shape = [], [], []
+        for prompt, completion, seed in zip(prompts, completions, seeds, strict=True):
+            shape.append(len(completion))
+            for j in range(len(completion)):
+                requests.append(TokensPrompt(prompt_token_ids=prompt + completion[:j]))
+                params.append(SamplingParams(n=m, max_tokens=1, temperature=temperature, logprobs=0,
+                                             seed=seed + j))
+        outputs = iter(self.llm.generate(requests, params, use_tqdm=False) if requests else [])
+        result = []
+        for length in shape:
+            ids, lps = [], []
+            for _ in range(length):
+                samples = [(c.token_ids[0], c.logprobs[0][c.token_ids[0]].logprob) for c in next(outputs).outputs]
+                ids.append([t for t, _ in samples])
+                lps.append([v for _, v in samples])
+            result.append((ids, lps))
+        return result
+
+    def score_tokens(self, prompts, completions, token_ids):
+        from vllm import SamplingParams, TokensPrompt
+
+        params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=-1)
+        seqs = [TokensPrompt(prompt_token_ids=p + c) for p, c in zip(prompts, completions, strict=True)]
+        outputs = self.llm.generate(seqs, params, use_tqdm=False)
+        return [[[pos[t].logprob for t in row] for pos, row in zip(out.prompt_logprobs[len(p):], ids, strict=True)]
+                for out, p, ids in zip(outputs, prompts, token_ids, strict=True)]
 
     def load_weights(self, path, version):
         self.llm.collective_rpc("reload_weights", kwargs={"weights_path": path})

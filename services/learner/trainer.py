@@ -72,12 +72,19 @@ def token_batch(entries: list[ScoredEntry], device: torch.device) -> tuple[dict,
     def flat(name: str, dtype=torch.float32) -> torch.Tensor:
         return torch.tensor([v for e in entries for v in getattr(e, name)], dtype=dtype, device=device)
 
+    m = entries[0].mc_samples
+    mc = {}
+    if m:  # reverse_kl_mc: the rollout's extra tokens per position, scored by the teacher
+        mc = {"mc_ids": flat("mc_token_ids", torch.long).view(-1, m),
+              "mc_behavior_logprobs": flat("mc_behavior_logprobs").view(-1, m),
+              "mc_teacher_logprobs": flat("mc_teacher_logprobs").view(-1, m)}
     batch = TokenBatch(
         sampled_ids=flat("completion_token_ids", torch.long),
         behavior_logprobs=flat("behavior_logprobs"),
         teacher_sampled_logprobs=flat("teacher_sampled_logprobs"),
         teacher_topk_ids=flat("teacher_topk_ids", torch.long).view(-1, k),
         teacher_topk_logprobs=flat("teacher_topk_logprobs").view(-1, k),
+        **mc,
     )
     model_inputs = {"input_ids": input_ids.to(device), "attention_mask": attention.to(device),
                     "rows": torch.tensor(rows, device=device), "cols": torch.tensor(cols, device=device)}

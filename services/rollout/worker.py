@@ -52,6 +52,17 @@ class RolloutWorker(EngineService):
                                                       return_dict=False)
         return self.tokenizer(entry.prompt)["input_ids"]
 
+    def monte_carlo(self, samples: list, temperature: float) -> list[dict]:
+        """For reverse_kl_mc: extra tokens per position drawn from this same policy, with their log-probs."""
+        m = self.job.spec.objective.mc_samples()
+        if not m:
+            return [{} for _ in samples]
+        drawn = self.engine.sample_positions([p for _, p, _, _ in samples], [c.token_ids for *_, c in samples], m=m,
+                                             temperature=temperature,
+                                             seeds=[e.seed * 1009 + i for e, _, i, _ in samples])
+        return [{"mc_samples": m, "mc_token_ids": [t for row in ids for t in row],
+                 "mc_behavior_logprobs": [v for row in lps for v in row]} for ids, lps in drawn]
+
     def handle(self, work):
         self.sync_weights(max(e.min_version for _, e in work))
         rendered = []
@@ -68,16 +79,18 @@ class RolloutWorker(EngineService):
         results = self.engine.generate([ids for _, _, ids in rendered], n=first.n, max_tokens=first.max_tokens,
                                        temperature=first.temperature, seeds=[e.seed for _, e, _ in rendered])
         metrics.GENERATE_SECONDS.observe(time.perf_counter() - t0)
+        samples = [(entry, prompt_ids, i, c) for (_, entry, prompt_ids), completions in zip(rendered, results, strict=True)
+                   for i, c in enumerate(completions)]
+        extras = self.monte_carlo(samples, first.temperature)
         pipe = self.r.pipeline()
-        for (_, entry, prompt_ids), completions in zip(rendered, results, strict=True):
-            for i, c in enumerate(completions):
-                out = RolloutEntry(job_id=entry.job_id, batch=entry.batch, sample_id=f"{entry.prompt_id}-s{i}",
-                                   prompt_token_ids=prompt_ids, completion_token_ids=c.token_ids,
-                                   behavior_logprobs=c.logprobs, policy_version=self.engine.version,
-                                   finish_reason=c.finish_reason)
-                pipe.xadd(streams.ROLLOUTS, out.to_fields())
-                metrics.TOKENS.inc(len(c.token_ids))
-                metrics.SAMPLES.inc()
+        for (entry, prompt_ids, i, c), mc in zip(samples, extras, strict=True):
+            out = RolloutEntry(job_id=entry.job_id, batch=entry.batch, sample_id=f"{entry.prompt_id}-s{i}",
+                               prompt_token_ids=prompt_ids, completion_token_ids=c.token_ids,
+                               behavior_logprobs=c.logprobs, policy_version=self.engine.version,
+                               finish_reason=c.finish_reason, **mc)
+            pipe.xadd(streams.ROLLOUTS, out.to_fields())
+            metrics.TOKENS.inc(len(c.token_ids))
+            metrics.SAMPLES.inc()
         pipe.execute()
         # Ack only once the rollouts are in Redis: a crash in between regenerates, and sample ids dedupe later.
         self.consumer.ack([m.id for m, _, _ in rendered])

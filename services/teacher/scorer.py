@@ -26,18 +26,30 @@ class TeacherScorer(EngineService):
     def model_name(self, job):
         return job.spec.teacher.model
 
+    def score_monte_carlo(self, entries: list[RolloutEntry]) -> list[list[float]]:
+        """Teacher log-probs of the rollout's extra Monte Carlo tokens, flattened like mc_token_ids."""
+        with_mc = [e for e in entries if e.mc_samples]
+        if not with_mc:
+            return [[] for _ in entries]
+        rows = [[e.mc_token_ids[j * e.mc_samples : (j + 1) * e.mc_samples] for j in range(len(e.completion_token_ids))]
+                for e in with_mc]
+        scored = iter(self.engine.score_tokens([e.prompt_token_ids for e in with_mc],
+                                               [e.completion_token_ids for e in with_mc], rows))
+        return [[v for row in next(scored) for v in row] if e.mc_samples else [] for e in entries]
+
     def handle(self, work):
         top_k = self.job.spec.scoring.top_k
         t0 = time.perf_counter()
         scores = self.engine.score([e.prompt_token_ids for _, e in work], [e.completion_token_ids for _, e in work],
                                    top_k=top_k)
+        mc = self.score_monte_carlo([e for _, e in work])
         SCORE_SECONDS.observe(time.perf_counter() - t0)
         pipe = self.r.pipeline()
-        for (_, entry), s in zip(work, scores, strict=True):
+        for (_, entry), s, mc_logprobs in zip(work, scores, mc, strict=True):
             scored = ScoredEntry(
                 **entry.model_dump(), top_k=top_k, teacher_sampled_logprobs=s.sampled_logprobs,
                 teacher_topk_ids=[i for row in s.topk_ids for i in row],
-                teacher_topk_logprobs=[v for row in s.topk_logprobs for v in row],
+                teacher_topk_logprobs=[v for row in s.topk_logprobs for v in row], mc_teacher_logprobs=mc_logprobs,
             )
             pipe.xadd(streams.SCORED, scored.to_fields())
         pipe.execute()

@@ -30,6 +30,7 @@ OBJECTIVES = {
     "reverse_kl_topk": {"kind": "reverse_kl_topk", "support": "teacher"},
     "reverse_kl_sampled": {"kind": "reverse_kl_sampled", "correction": "ppo_clip"},
     "reverse_kl_recompute": {"kind": "reverse_kl_recompute"},
+    "reverse_kl_mc": {"kind": "reverse_kl_mc", "samples": 4},
     "decoupled_ppo": {"kind": "decoupled_ppo"},
     "m2po": {"kind": "m2po"},
     "mixed": {"kind": "mixed", "alpha": 0.5},
@@ -40,6 +41,7 @@ EXPECTED_METRICS = {
     "reverse_kl_topk": {"kl_estimate", "teacher_topk_mass", "student_topk_mass"},
     "reverse_kl_sampled": {"kl_estimate", "behavior_kl_estimate", "is_ratio_mean", "is_ratio_max", "clipped_frac"},
     "reverse_kl_recompute": {"kl_estimate", "is_ratio_mean", "is_ratio_max", "clipped_frac"},
+    "reverse_kl_mc": {"kl_estimate", "is_ratio_mean", "is_ratio_max", "clipped_frac"},
     "decoupled_ppo": {"kl_estimate", "is_ratio_mean", "clipped_frac", "behavior_dropped_frac",
                       "behavior_weight_mean"},
     "m2po": {"kl_estimate", "is_ratio_mean", "clipped_frac", "m2po_tau", "m2po_m2_before", "m2po_m2_after"},
@@ -65,7 +67,7 @@ def jobs(stack, tiny_models):
     for name, objective in OBJECTIVES.items():
         spec = tiny_job(tiny_models, name=f"obj-{name.replace('_', '-')}", objective=objective, max_staleness=1,
                         generation={"n": 2, "max_tokens": 8},
-                        train={"steps": STEPS, "prompts_per_step": 8, "learning_rate": 1e-2,
+                        train={"steps": STEPS, "prompts_per_step": 8, "learning_rate": 1e-2, "warmup_steps": 0,
                                "checkpoint_every": STEPS})
         ids[name] = submit(api, spec)["id"]
     return ids

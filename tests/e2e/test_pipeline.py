@@ -6,6 +6,7 @@ per-step records through the API, not the coordinator's view of what it released
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -58,6 +59,15 @@ def test_job_completes_within_the_staleness_budget(stack, tiny_models, eta):
     check_accounting(job, steps, eta)
     if eta == 0:  # strict synchronous through the same path: every sample from the current version
         assert all(s["staleness"] == {"0": s["samples"]} for s in steps)
+
+
+def test_chat_messages_prompts_are_rendered_with_the_chat_template(stack, tiny_models, tmp_path):
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Q: {i}+1= A:"}]}) + "\n"
+                            for i in range(8)))
+    api = stack["api_url"]
+    job = wait_job(api, submit(api, tiny_job(tiny_models, prompts={"path": str(chat)}, train={"steps": 2}))["id"])
+    check_accounting(job, steps_of(api, job["id"]), 1)
 
 
 def test_exported_student_loads_in_transformers_and_vllm(stack, tiny_models):
