@@ -79,7 +79,8 @@ class RolloutWorker(EngineService):
         results = self.engine.generate([ids for _, _, ids in rendered], n=first.n, max_tokens=first.max_tokens,
                                        temperature=first.temperature, seeds=[e.seed for _, e, _ in rendered])
         metrics.GENERATE_SECONDS.observe(time.perf_counter() - t0)
-        samples = [(entry, prompt_ids, i, c) for (_, entry, prompt_ids), completions in zip(rendered, results, strict=True)
+        samples = [(entry, prompt_ids, i, c)
+                   for (_, entry, prompt_ids), completions in zip(rendered, results, strict=True)
                    for i, c in enumerate(completions)]
         extras = self.monte_carlo(samples, first.temperature)
         pipe = self.r.pipeline()

@@ -13,8 +13,8 @@ pytestmark = pytest.mark.slow
 
 
 def test_bench_smoke_writes_every_table_and_plot(tmp_path, tiny_models):
-    spec = tiny_job(tiny_models, prompts={"path": str(tiny_models["train"]), "heldout_path": str(tiny_models["heldout"]),
-                                          "heldout_limit": 8})
+    prompts = {"path": str(tiny_models["train"]), "heldout_path": str(tiny_models["heldout"]), "heldout_limit": 8}
+    spec = tiny_job(tiny_models, prompts=prompts)
     job_file = tmp_path / "job.yaml"
     job_file.write_text(yaml.safe_dump(spec))
     out = tmp_path / "results"
