@@ -288,4 +288,6 @@ def run(args) -> None:
                                                      args.seeds, args.findings_steps, out, args.smoke, command)
         finally:
             stack.close()
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    path = out / "summary.json"  # suites run separately keep each other's results
+    merged = json.loads(path.read_text()) if path.exists() else {}
+    path.write_text(json.dumps({**merged, **summary}, indent=2))

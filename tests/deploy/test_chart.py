@@ -29,7 +29,8 @@ REQUIRED_LABELS = {
 }
 # Selectors are immutable on Deployments/StatefulSets: they may only use labels that never change on upgrade.
 IMMUTABLE_LABELS = {"app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/component"}
-SECRETISH = re.compile(r"(?i)(password|passwd|secret|token|api_?key|credential)")
+# Names that hold a credential (ASYNCOPD_API_TOKEN, ..._PASSWORD), not ones that merely count tokens.
+SECRETISH = re.compile(r"(?i)(password|passwd|secret|token|api_?key|credential)$")
 WORKLOADS = ("Deployment", "StatefulSet")
 
 

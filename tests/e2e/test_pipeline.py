@@ -118,11 +118,12 @@ def test_malformed_stream_entries_are_dead_lettered_without_a_crash(stack, tiny_
 
 def test_scaling_the_rollout_pool_mid_job_loses_nothing(stack, tiny_models):
     api = stack["api_url"]
-    job = submit(api, tiny_job(tiny_models, max_staleness=2, train={"steps": 150, "checkpoint_every": 50}))
+    # Long enough that a second worker (10-20 s to start on a busy 2-core box) joins while the job runs.
+    job = submit(api, tiny_job(tiny_models, max_staleness=2, train={"steps": 400, "checkpoint_every": 100}))
     wait_job(api, job["id"], states=("running",))
     assert httpx.put(f"{api}/v1/pools/rollout", json={"replicas": 2}).json() == {"replicas": 2}
     seen_two = False
-    for _ in range(200):
+    for _ in range(400):
         view = httpx.get(f"{api}/v1/jobs/{job['id']}").json()
         pools = httpx.get(f"{api}/v1/pools").json()
         seen_two |= sum(1 for i in pools["rollout"]["instances"] if i.get("model_loaded")) == 2
