@@ -62,7 +62,9 @@ def base_spec(job_file: Path, **overrides) -> dict:
 
     spec = absolutize(yaml.safe_load(job_file.read_text()), Path.cwd())
     for key, value in overrides.items():
-        spec[key] = {**spec[key], **value} if isinstance(value, dict) and isinstance(spec.get(key), dict) else value
+        # Settings blocks merge; an objective is replaced whole (its parameters depend on its kind).
+        merge = isinstance(value, dict) and isinstance(spec.get(key), dict) and key != "objective"
+        spec[key] = {**spec[key], **value} if merge else value
     return spec
 
 

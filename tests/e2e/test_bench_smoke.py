@@ -19,7 +19,8 @@ def test_bench_smoke_writes_every_table_and_plot(tmp_path, tiny_models):
     job_file.write_text(yaml.safe_dump(spec))
     out = tmp_path / "results"
     main(["--run-dir", str(tmp_path / "run"), "bench", str(job_file), "--smoke", "--engine", "hf", "--out", str(out),
-          "--budgets", "0", "1", "--objectives", "forward_kl_topk", "--findings-budgets", "0", "--seeds", "0"])
+          "--budgets", "0", "1", "--objectives", "forward_kl_topk", "reverse_kl_recompute", "--findings-budgets", "0",
+          "--seeds", "0"])
     for name in ("throughput", "pipeline", "findings", "findings-runs"):
         rows = list(csv.DictReader(open(out / f"{name}.csv")))
         assert rows and all(r.get("state", "succeeded") == "succeeded" for r in rows), name
