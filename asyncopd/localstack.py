@@ -67,6 +67,16 @@ def service_command(name: str, learner_ranks: int) -> list[str]:
     return [sys.executable, "-m", f"services.{name}"]
 
 
+def restart(run_dir: Path, name: str, engine: str) -> int:
+    """Start one service of a running stack again (after it died) with the environment `up` gave it."""
+    info = load(run_dir)
+    env = {**base_env(run_dir.absolute(), info["redis_url"]), "ASYNCOPD_ENGINE": engine}
+    proc = _spawn(service_command(name, 1), env, run_dir.absolute() / "logs" / f"{name}.log")
+    info["pids"][name] = proc.pid
+    (run_dir.absolute() / "stack.json").write_text(json.dumps(info, indent=2))
+    return proc.pid
+
+
 def up(run_dir: Path, *, http_port: int, engine: str, rollouts: int, learner_ranks: int = 1,
        extra_env: dict | None = None, service_env: dict[str, dict] | None = None, timeout_s: float = 180) -> dict:
     """`extra_env` goes to every service; `service_env[name]` to one (rollout workers inherit the

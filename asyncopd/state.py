@@ -74,12 +74,29 @@ def weights_path_key(job_id: str) -> str:
     return f"asyncopd:job:{job_id}:weights"
 
 
-def publish_version(r: redis.Redis, job_id: str, version: int, path: str) -> None:
-    """Make `version` visible: the path first, then the number rollouts and the coordinator watch."""
-    pipe = r.pipeline()
+def lineage_key(job_id: str) -> str:
+    return f"asyncopd:job:{job_id}:lineage"
+
+
+def new_lineage(r: redis.Redis, job_id: str) -> int:
+    """A number for a learner (re)starting this job: 1 for the first start, then 2, 3, ..."""
+    return int(r.incr(f"asyncopd:job:{job_id}:lineages"))
+
+
+def publish_version(r: redis.Redis, job_id: str, version: int, path: str, lineage: int) -> None:
+    """Make (lineage, version) visible at once: the path, the number rollouts and the coordinator watch, and
+    the learner lineage that produced it (a restarted learner starts a new lineage from its checkpoint)."""
+    pipe = r.pipeline(transaction=True)
     pipe.hset(weights_path_key(job_id), str(version), path)
     pipe.set(version_key(job_id), version)
+    pipe.set(lineage_key(job_id), lineage)
     pipe.execute()
+
+
+def policy_head(r: redis.Redis, job_id: str) -> tuple[int, int]:
+    """(lineage, version) of the newest published weights; (0, 0) before the first publish."""
+    version, lineage = r.mget(version_key(job_id), lineage_key(job_id))
+    return int(lineage or 0), int(version or 0)
 
 
 def weights_path(r: redis.Redis, job_id: str, version: int) -> str | None:

@@ -129,6 +129,9 @@ class RolloutEntry(Entry):
     completion_token_ids: list[int]
     behavior_logprobs: list[float]
     policy_version: int
+    # Learner lineage of the weights (0: the job's initial student). A restarted learner starts a new lineage
+    # from its checkpoint; versions after that checkpoint from older lineages are weights it discarded.
+    lineage: int = 0
     finish_reason: str = ""
     # Monte Carlo objectives only: per position, mc_samples extra tokens drawn from the behaviour policy
     # ([L * mc_samples], row-major) and their behaviour log-probs; empty otherwise.

@@ -30,16 +30,23 @@ class RolloutWorker(EngineService):
     def model_name(self, job):
         return job.spec.student.model
 
+    def load(self, job) -> bool:
+        self.lineage = 0  # the job's initial student until the learner publishes
+        return super().load(job)
+
     def sync_weights(self, at_least: int) -> None:
-        """Load the newest published version; wait for `at_least` if it is not published yet."""
+        """Follow the learner's newest published (lineage, version) — backwards too, after a learner restart —
+        and wait until the version reaches `at_least` (the entry's fence)."""
         deadline = time.monotonic() + self.weight_wait_s
         while True:
-            latest = state.policy_version(self.r, self.job.id)
-            if latest > self.engine.version:
+            lineage, version = state.policy_head(self.r, self.job.id)
+            path = state.weights_path(self.r, self.job.id, version)
+            if (lineage, version) != (self.lineage, self.engine.version) and lineage and path:
                 t0 = time.perf_counter()
-                self.engine.load_weights(state.weights_path(self.r, self.job.id, latest), latest)
+                self.engine.load_weights(path, version)
+                self.lineage = lineage
                 metrics.RELOAD_SECONDS.observe(time.perf_counter() - t0)
-                self.rt.info["policy_version"] = latest
+                self.rt.info["policy_version"] = version
             if self.engine.version >= at_least:
                 return
             if time.monotonic() > deadline or self.rt.stop.is_set():
@@ -88,6 +95,7 @@ class RolloutWorker(EngineService):
             out = RolloutEntry(job_id=entry.job_id, batch=entry.batch, sample_id=f"{entry.prompt_id}-s{i}",
                                prompt_token_ids=prompt_ids, completion_token_ids=c.token_ids,
                                behavior_logprobs=c.logprobs, policy_version=self.engine.version,
+                               lineage=self.lineage,
                                finish_reason=c.finish_reason, **mc)
             pipe.xadd(streams.ROLLOUTS, out.to_fields())
             metrics.TOKENS.inc(len(c.token_ids))

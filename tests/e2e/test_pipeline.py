@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import time
+from pathlib import Path
 
 import grpc
 import httpx
@@ -162,6 +163,29 @@ def test_a_rollout_worker_killed_mid_job_loses_nothing(stack, tiny_models):
     check_accounting(done, steps_of(api, job["id"]), 2)
     assert done["progress"]["samples_dead_lettered"] == 0
     httpx.put(f"{api}/v1/pools/rollout", json={"replicas": 1})
+
+
+def test_learner_killed_mid_job_resumes_from_its_checkpoint(stack, tiny_models):
+    """SIGKILL the learner between checkpoints, start it again: it resumes at its checkpointed version,
+    replays the samples it had not checkpointed, drops those made by the versions it discarded, and the job
+    completes with every released sample accounted for and none over the budget."""
+    api = stack["api_url"]
+    r = redis.Redis.from_url(stack["redis_url"], decode_responses=True)
+    job = submit(api, tiny_job(tiny_models, max_staleness=2, train={"steps": 40, "checkpoint_every": 5}))
+    for _ in range(600):
+        if httpx.get(f"{api}/v1/jobs/{job['id']}").json()["progress"]["step"] >= 8:
+            break
+        time.sleep(0.05)
+    (learner,) = state.live_services(r, "learner")
+    os.kill(learner["pid"], signal.SIGKILL)
+    killed_at = httpx.get(f"{api}/v1/jobs/{job['id']}").json()["progress"]["step"]
+    assert killed_at < 40, "the job finished before the learner could be killed"
+    localstack.restart(Path(stack["run_dir"]), "learner", stack["engine"])
+    done = wait_job(api, job["id"])
+    steps = steps_of(api, job["id"])
+    check_accounting(done, steps, 2)
+    assert [s["step"] for s in steps] == list(range(1, 41))
+    assert int(r.get(state.lineage_key(job["id"]))) == 2
 
 
 def test_grpc_health_per_service(stack):
