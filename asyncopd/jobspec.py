@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
 from asyncopd.objective_spec import ObjectiveSpec
 
@@ -78,16 +78,6 @@ class JobSpec(_Strict):
     train: Train = Field(default_factory=Train)
     eval: Eval = Field(default_factory=Eval)
     output_dir: str | None = Field(None, description="Where the distilled student goes; default data_dir/jobs/<id>.")
-
-    @field_validator("objective")
-    @classmethod
-    def _objective_data_is_produced(cls, objective: ObjectiveSpec) -> ObjectiveSpec:
-        # The rollout does not yet ship its own top-K per position: refuse what needs it at submission (a 422
-        # on field "objective"), rather than failing inside the learner.
-        if objective.needs_student_topk():
-            raise ValueError("objective.support 'student' needs the rollout student's top-K per position, "
-                             "which the rollout service does not produce yet")
-        return objective
 
     @model_validator(mode="after")
     def _eval_has_prompts(self) -> JobSpec:

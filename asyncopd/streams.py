@@ -122,7 +122,7 @@ class RolloutEntry(Entry):
     """Rollout → teacher: one sampled completion with the behaviour policy's log-probs and version."""
 
     SCHEMA = "asyncopd.rollout"
-    INT_ARRAYS = ("prompt_token_ids", "completion_token_ids", "mc_token_ids")
+    INT_ARRAYS = ("prompt_token_ids", "completion_token_ids", "mc_token_ids", "student_topk_ids")
     FLOAT_ARRAYS = ("behavior_logprobs", "mc_behavior_logprobs")
     sample_id: str
     prompt_token_ids: list[int]
@@ -138,6 +138,9 @@ class RolloutEntry(Entry):
     mc_samples: int = 0
     mc_token_ids: list[int] = []
     mc_behavior_logprobs: list[float] = []
+    # reverse_kl_topk with support "student": the behaviour policy's top-K ids per position ([L * K]); the
+    # teacher scores these instead of shipping its own top-K. Empty otherwise.
+    student_topk_ids: list[int] = []
 
 
 class ScoredEntry(RolloutEntry):

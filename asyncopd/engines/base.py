@@ -9,6 +9,7 @@ class Completion:
     token_ids: list[int]
     logprobs: list[float]  # log-prob of each sampled token under the distribution it was sampled from
     finish_reason: str
+    topk_ids: list[list[int]] | None = None  # [L][K] top-K of that distribution, when generate(top_k=K)
 
 
 @dataclass
@@ -27,7 +28,9 @@ class Engine(ABC):
 
     @abstractmethod
     def generate(self, prompts: list[list[int]], *, n: int, max_tokens: int, temperature: float,
-                 seeds: list[int]) -> list[list[Completion]]: ...
+                 seeds: list[int], top_k: int = 0) -> list[list[Completion]]:
+        """n completions per prompt; with top_k, each position's top-K ids too (reverse_kl_topk support
+        'student')."""
 
     @abstractmethod
     def score(self, prompts: list[list[int]], completions: list[list[int]], *, top_k: int) -> list[SequenceScores]:

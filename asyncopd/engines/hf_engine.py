@@ -20,19 +20,20 @@ class HFEngine(Engine):
         self.seed = seed
 
     @torch.no_grad()
-    def generate(self, prompts, *, n, max_tokens, temperature, seeds):
+    def generate(self, prompts, *, n, max_tokens, temperature, seeds, top_k=0):
         out = []
         for prompt, seed in zip(prompts, seeds, strict=True):
             gen = torch.Generator(device=self.device).manual_seed(seed)
-            out.append(self._sample(prompt, n, max_tokens, temperature, gen))
+            out.append(self._sample(prompt, n, max_tokens, temperature, gen, top_k))
         return out
 
-    def _sample(self, prompt, n, max_tokens, temperature, gen) -> list[Completion]:
+    def _sample(self, prompt, n, max_tokens, temperature, gen, top_k) -> list[Completion]:
         # A plain sampling loop with a KV cache: n copies of one prompt need no padding.
         ids = torch.tensor([prompt] * n, device=self.device)
         past, step_input = None, ids
         tokens = torch.empty(n, 0, dtype=torch.long, device=self.device)
         logps = torch.empty(n, 0, device=self.device)
+        tops = torch.empty(n, 0, max(top_k, 1), dtype=torch.long, device=self.device)
         done = torch.zeros(n, dtype=torch.bool, device=self.device)
         for _ in range(max_tokens):
             res = self.model(input_ids=step_input, past_key_values=past, use_cache=True)
@@ -41,15 +42,18 @@ class HFEngine(Engine):
             nxt = torch.multinomial(logp.exp(), 1, generator=gen).squeeze(1)
             tokens = torch.cat([tokens, nxt[:, None]], 1)
             logps = torch.cat([logps, logp.gather(1, nxt[:, None])], 1)
+            if top_k:
+                tops = torch.cat([tops, logp.topk(top_k, dim=-1).indices[:, None]], 1)
             done |= nxt == self.eos_id
             if done.all():
                 break
             step_input = nxt[:, None]
         completions = []
-        for row, lp in zip(tokens.tolist(), logps.tolist(), strict=True):
+        for row, lp, top in zip(tokens.tolist(), logps.tolist(), tops.tolist(), strict=True):
             stopped = self.eos_id in row
             end = row.index(self.eos_id) + 1 if stopped else len(row)
-            completions.append(Completion(row[:end], lp[:end], "stop" if stopped else "length"))
+            completions.append(Completion(row[:end], lp[:end], "stop" if stopped else "length",
+                                          top[:end] if top_k else None))
         return completions
 
     def _completion_logprobs(self, prompt: list[int], completion: list[int], temperature: float = 1.0):

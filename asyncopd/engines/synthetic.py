@@ -17,10 +17,11 @@ class SyntheticEngine(Engine):
         self.rnd = random.Random(seed)
         self.logp = -math.log(vocab_size)
 
-    def generate(self, prompts, *, n, max_tokens, temperature, seeds):
+    def generate(self, prompts, *, n, max_tokens, temperature, seeds, top_k=0):
         time.sleep(self.latency_s)
+        top = [list(range(min(top_k, self.vocab_size)))] * max_tokens if top_k else None
         return [[Completion([self.rnd.randrange(3, self.vocab_size) for _ in range(max_tokens)],
-                            [self.logp] * max_tokens, "length") for _ in range(n)] for _ in prompts]
+                            [self.logp] * max_tokens, "length", top) for _ in range(n)] for _ in prompts]
 
     def score(self, prompts, completions, *, top_k):
         time.sleep(self.latency_s)

@@ -26,17 +26,20 @@ class VLLMEngine(Engine):
                        # Full-vocabulary prompt log-probs are only asked for by score_tokens (reverse_kl_mc).
                        max_logprobs=-1, **kwargs)
 
-    def generate(self, prompts, *, n, max_tokens, temperature, seeds):
+    def generate(self, prompts, *, n, max_tokens, temperature, seeds, top_k=0):
         from vllm import SamplingParams, TokensPrompt
 
-        params = [SamplingParams(n=n, max_tokens=max_tokens, temperature=temperature, logprobs=0, seed=s)
+        params = [SamplingParams(n=n, max_tokens=max_tokens, temperature=temperature, logprobs=top_k, seed=s)
                   for s in seeds]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
         result = []
         for out in outputs:
             result.append([
                 Completion(list(c.token_ids), [lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs, strict=True)],
-                           c.finish_reason or "")
+                           c.finish_reason or "",
+                           # Each position holds the top-K plus the sampled token; rank orders them.
+                           [[t for _, t in sorted((v.rank, t) for t, v in lp.items() if v.rank <= top_k)[:top_k]]
+                            for lp in c.logprobs] if top_k else None)
                 for c in out.outputs
             ])
         return result

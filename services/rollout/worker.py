@@ -83,8 +83,11 @@ class RolloutWorker(EngineService):
         # Within a job only the seed differs between entries, so one engine call serves the whole batch.
         first = rendered[0][1]
         t0 = time.perf_counter()
+        spec = self.job.spec
+        top_k = spec.scoring.top_k if spec.objective.needs_student_topk() else 0
         results = self.engine.generate([ids for _, _, ids in rendered], n=first.n, max_tokens=first.max_tokens,
-                                       temperature=first.temperature, seeds=[e.seed for _, e, _ in rendered])
+                                       temperature=first.temperature, seeds=[e.seed for _, e, _ in rendered],
+                                       top_k=top_k)
         metrics.GENERATE_SECONDS.observe(time.perf_counter() - t0)
         samples = [(entry, prompt_ids, i, c)
                    for (_, entry, prompt_ids), completions in zip(rendered, results, strict=True)
@@ -96,6 +99,7 @@ class RolloutWorker(EngineService):
                                prompt_token_ids=prompt_ids, completion_token_ids=c.token_ids,
                                behavior_logprobs=c.logprobs, policy_version=self.engine.version,
                                lineage=self.lineage,
+                               student_topk_ids=[t for row in c.topk_ids or [] for t in row],
                                finish_reason=c.finish_reason, **mc)
             pipe.xadd(streams.ROLLOUTS, out.to_fields())
             metrics.TOKENS.inc(len(c.token_ids))

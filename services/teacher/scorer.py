@@ -8,6 +8,7 @@ from prometheus_client import Counter, Histogram
 
 from asyncopd import streams
 from asyncopd.engine_service import EngineService
+from asyncopd.engines import SequenceScores
 from asyncopd.streams import RolloutEntry, ScoredEntry
 from services.teacher.settings import TeacherSettings
 
@@ -25,6 +26,13 @@ class TeacherScorer(EngineService):
 
     def model_name(self, job):
         return job.spec.teacher.model
+
+    def score_student_support(self, entry: RolloutEntry, s, top_k: int):
+        """The teacher's log-probs of the rollout student's top-K ids, in place of the teacher's own top-K."""
+        ids = entry.student_topk_ids
+        rows = [ids[j * top_k : (j + 1) * top_k] for j in range(len(entry.completion_token_ids))]
+        (lps,) = self.engine.score_tokens([entry.prompt_token_ids], [entry.completion_token_ids], [rows])
+        return SequenceScores(s.sampled_logprobs, rows, lps)
 
     def score_monte_carlo(self, entries: list[RolloutEntry]) -> list[list[float]]:
         """Teacher log-probs of the rollout's extra Monte Carlo tokens, flattened like mc_token_ids."""
@@ -46,6 +54,8 @@ class TeacherScorer(EngineService):
         SCORE_SECONDS.observe(time.perf_counter() - t0)
         pipe = self.r.pipeline()
         for (_, entry), s, mc_logprobs in zip(work, scores, mc, strict=True):
+            if entry.student_topk_ids:  # support "student": the student's top-K, scored by the teacher
+                s = self.score_student_support(entry, s, top_k)
             scored = ScoredEntry(
                 **entry.model_dump(), top_k=top_k, teacher_sampled_logprobs=s.sampled_logprobs,
                 teacher_topk_ids=[i for row in s.topk_ids for i in row],

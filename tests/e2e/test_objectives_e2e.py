@@ -28,6 +28,7 @@ OBJECTIVES = {
     "forward_kl_topk": {"kind": "forward_kl_topk", "tail": True},
     "forward_kl_topk_raw": {"kind": "forward_kl_topk", "tail": False},
     "reverse_kl_topk": {"kind": "reverse_kl_topk", "support": "teacher"},
+    "reverse_kl_topk_student": {"kind": "reverse_kl_topk", "support": "student"},
     "reverse_kl_sampled": {"kind": "reverse_kl_sampled", "correction": "ppo_clip"},
     "reverse_kl_recompute": {"kind": "reverse_kl_recompute"},
     "reverse_kl_mc": {"kind": "reverse_kl_mc", "samples": 4},

@@ -40,6 +40,17 @@ def test_scores_sampled_tokens_and_monte_carlo_draws_agree(engines):
         assert close(lps, hf.score_tokens([prompt], [comp], [ids])[0])
 
 
+def test_generate_reports_the_sampling_distributions_top_k(engines):
+    vllm, hf, tok = engines
+    prompt = tok("Q: 40+2= A:")["input_ids"]
+    for engine in (vllm, hf):
+        (c,) = engine.generate([prompt], n=1, max_tokens=4, temperature=1.0, seeds=[1], top_k=3)[0]
+        assert len(c.topk_ids) == len(c.token_ids) and all(len(row) == 3 for row in c.topk_ids)
+        # The top-K of each position is what the scorer ranks first for the same prefix.
+        scored = hf.score([prompt], [c.token_ids], top_k=3)[0]
+        assert c.topk_ids == scored.topk_ids
+
+
 def test_weight_reload_changes_what_the_engine_computes(engines, tmp_path):
     vllm, hf, tok = engines
     prompt = tok("Q: 1+1= A:")["input_ids"]
