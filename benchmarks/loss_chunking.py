@@ -41,6 +41,25 @@ def _peak_bytes(device: str) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
+def _measure(args: argparse.Namespace, device: str, step) -> dict[str, object]:
+    """Peak memory above what is allocated now, and time, of `args.repeats` calls of `step`."""
+    import torch
+
+    baseline = _peak_bytes(device)
+    times = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return {
+        "chunk": args.variant,
+        "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({args.threads} thread)",
+        "peak_mib": (_peak_bytes(device) - baseline) / 2**20,
+        "first_s": times[0],
+        "median_s": statistics.median(times[1:] or times),
+    }
+
+
 def run_variant(args: argparse.Namespace) -> dict[str, object]:
     if args.path == "trainer":
         return run_trainer_variant(args)
@@ -83,19 +102,7 @@ def run_variant(args: argparse.Namespace) -> dict[str, object]:
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    baseline = _peak_bytes(device)
-    times = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return {
-        "chunk": args.variant,
-        "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({args.threads} thread)",
-        "peak_mib": (_peak_bytes(device) - baseline) / 2**20,
-        "first_s": times[0],
-        "median_s": statistics.median(times[1:] or times),
-    }
+    return _measure(args, device, step)
 
 
 def run_trainer_variant(args: argparse.Namespace) -> dict[str, object]:
@@ -153,20 +160,8 @@ def run_trainer_variant(args: argparse.Namespace) -> dict[str, object]:
     step(sample(24))  # library start-up allocations and the gradient buffers are not the loss's memory
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    baseline = _peak_bytes(device)
     entry = sample(args.seq)
-    times = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        step(entry)
-        times.append(time.perf_counter() - start)
-    return {
-        "chunk": args.variant,
-        "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({args.threads} thread)",
-        "peak_mib": (_peak_bytes(device) - baseline) / 2**20,
-        "first_s": times[0],
-        "median_s": statistics.median(times[1:] or times),
-    }
+    return _measure(args, device, lambda: step(entry))
 
 
 def main() -> None:

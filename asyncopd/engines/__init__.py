@@ -15,7 +15,7 @@ def build_engine(kind: str, model: str, *, device: str, dtype: str, seed: int, m
     if kind == "hf":
         from asyncopd.engines.hf_engine import HFEngine
 
-        return HFEngine(model, device=device, dtype=dtype, seed=seed)
+        return HFEngine(model, device=device, dtype=dtype)  # sampling is seeded per request
     if kind == "synthetic":
         import json
         from pathlib import Path

@@ -13,11 +13,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 class HFEngine(Engine):
-    def __init__(self, model: str, *, device: str, dtype: str, seed: int) -> None:
+    def __init__(self, model: str, *, device: str, dtype: str) -> None:
         self.device = torch.device(device)
         self.model = AutoModelForCausalLM.from_pretrained(model, dtype=DTYPES[dtype]).to(self.device).eval()
         self.eos_id = AutoTokenizer.from_pretrained(model).eos_token_id
-        self.seed = seed
 
     @torch.no_grad()
     def generate(self, prompts, *, n, max_tokens, temperature, seeds, top_k=0):
