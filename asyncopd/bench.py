@@ -32,26 +32,38 @@ class Stack:
         self.api = self.info["api_url"]
 
     def run(self, spec: dict) -> dict:
+        before = self.sample()
         job = httpx.post(f"{self.api}/v1/jobs", json=spec, timeout=30).json()
         if "id" not in job:
             raise RuntimeError(f"job refused: {job}")
         while (job := httpx.get(f"{self.api}/v1/jobs/{job['id']}", timeout=30).json())["state"] not in TERMINAL:
             time.sleep(0.5)
         records = httpx.get(f"{self.api}/v1/jobs/{job['id']}/steps", timeout=30).json()
-        return {"job": job, **records, "reload": self.reload_stats()}
+        after = self.sample()
+        usage = {svc: {k: v - before.get(svc, {}).get(k, 0.0) for k, v in totals.items()}
+                 for svc, totals in after.items()}
+        return {"job": job, **records, "usage": usage}
 
-    def reload_stats(self) -> tuple[float, int]:
-        """Sum and count of asyncopd_weight_reload_seconds over the live rollout workers."""
+    def sample(self) -> dict[str, dict[str, float]]:
+        """Per service, summed over its live instances: seconds per phase (asyncopd_phase_seconds_total) and
+        the rollout's weight reloads (reload_s, reloads)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
         r = state.connect(self.info["redis_url"])
-        total, count = 0.0, 0
-        for svc in state.live_services(r, "rollout"):
+        out: dict[str, dict[str, float]] = {}
+        for svc in state.live_services(r):
             text = httpx.get(f"http://127.0.0.1:{svc['metrics_port']}/metrics", timeout=5).text
-            for line in text.splitlines():
-                if line.startswith("asyncopd_weight_reload_seconds_sum"):
-                    total += float(line.split()[-1])
-                elif line.startswith("asyncopd_weight_reload_seconds_count"):
-                    count += int(float(line.split()[-1]))
-        return total, count
+            totals = out.setdefault(svc["service"], {})
+            for family in text_string_to_metric_families(text):
+                for s in family.samples:
+                    if s.name == "asyncopd_phase_seconds_total":
+                        key = s.labels["phase"]
+                    elif s.name in ("asyncopd_weight_reload_seconds_sum", "asyncopd_weight_reload_seconds_count"):
+                        key = "reload_s" if s.name.endswith("_sum") else "reloads"
+                    else:
+                        continue
+                    totals[key] = totals.get(key, 0.0) + s.value
+        return out
 
     def close(self) -> None:
         localstack.down(self.run_dir)
@@ -68,11 +80,21 @@ def base_spec(job_file: Path, **overrides) -> dict:
     return spec
 
 
-def summarize(result: dict, target: float | None, reload_before: tuple[float, int]) -> dict:
-    job, steps, evals = result["job"], result["steps"], result["evals"]
+def steady_period(steps: list[dict]) -> float | None:
+    """Seconds per step once the pipeline is full: the first tenth of the steps (start-up, filling the
+    pipeline) is left out; `wall / steps` still carries it."""
+    warm = max(1, len(steps) // 10)
+    if len(steps) < warm + 2:
+        return None
+    return (steps[-1]["time"] - steps[warm]["time"]) / (len(steps) - 1 - warm)
+
+
+def summarize(result: dict, target: float | None) -> dict:
+    job, steps, evals, usage = result["job"], result["steps"], result["evals"], result["usage"]
     wall = job["finished_at"] - job["started_at"]
     n = max(len(steps), 1)
-    reloads = result["reload"][1] - reload_before[1]
+    period = steady_period(steps)
+    rollout = usage.get("rollout", {})
     reached = next((e for e in evals if target is not None and e["accuracy"] is not None
                     and e["accuracy"] >= target), None)
     return {
@@ -81,17 +103,36 @@ def summarize(result: dict, target: float | None, reload_before: tuple[float, in
         "samples_trained": job["progress"]["samples_trained"],
         "dropped_stale": job["progress"]["samples_dropped_stale"],
         "wall_s": round(wall, 1), "samples_per_s": round(job["progress"]["samples_trained"] / wall, 1),
+        "first_step_s": round(steps[0]["time"] - job["started_at"], 2) if steps else None,
         "step_period_s": round(wall / n, 4),
+        "steady_period_s": round(period, 4) if period else None,
         "learner_step_s": round(sum(s["step_s"] for s in steps) / n, 4),
         "learner_wait_s": round(sum(s["wait_s"] for s in steps) / n, 4),
         "publish_s": round(sum(s["publish_s"] for s in steps) / n, 4),
-        "reload_s": round((result["reload"][0] - reload_before[0]) / reloads, 4) if reloads else None,
+        "reload_s": round(rollout["reload_s"] / rollout["reloads"], 4) if rollout.get("reloads") else None,
         "mean_staleness": round(sum(s.get("mean_staleness", 0) * s["samples"] for s in steps)
                                 / max(sum(s["samples"] for s in steps), 1), 3),
         "final_accuracy": evals[-1]["accuracy"] if evals else None,
         "final_kl": round(evals[-1]["kl_to_teacher"], 4) if evals and evals[-1]["kl_to_teacher"] is not None else None,
         "time_to_target_s": round(reached["time"] - job["started_at"], 1) if reached else None,
     }
+
+
+def overhead_rows(name: str, result: dict, row: dict) -> list[dict]:
+    """Per service: milliseconds per step in each phase, and the data-path overhead (Redis + serialization)
+    and weight traffic (publish, reload) as fractions of the steady step period."""
+    from asyncopd.phases import PHASES, REDIS, SERIALIZE, WEIGHTS
+
+    period, steps = row["steady_period_s"] or row["step_period_s"], max(row["steps"], 1)
+    out = []
+    for svc in ("coordinator", "rollout", "teacher", "learner"):
+        seconds = result["usage"].get(svc, {})
+        per_step = {phase: seconds.get(phase, 0.0) / steps for phase in PHASES}
+        out.append({"run": name, "max_staleness": row["max_staleness"], "service": svc,
+                    **{f"{phase}_ms": round(1000 * v, 2) for phase, v in per_step.items()},
+                    "data_path_pct": round(100 * (per_step[REDIS] + per_step[SERIALIZE]) / period, 2),
+                    "weights_pct": round(100 * per_step[WEIGHTS] / period, 2)})
+    return out
 
 
 def write_table(out: Path, name: str, title: str, command: str, rows: list[dict], notes: list[str]) -> None:
@@ -107,30 +148,62 @@ def write_table(out: Path, name: str, title: str, command: str, rows: list[dict]
     print("\n".join(lines + [""] + notes))
 
 
-def suite_throughput(stack: Stack, job_file: Path, budgets: list[int], target: float, out: Path,
+def spread(rows: list[dict], key: str) -> dict:
+    values = [r[key] for r in rows if r[key] is not None]
+    if not values:
+        return {f"{key}_mean": None, f"{key}_min": None, f"{key}_max": None}
+    return {f"{key}_mean": round(sum(values) / len(values), 4), f"{key}_min": min(values), f"{key}_max": max(values)}
+
+
+def suite_throughput(stack: Stack, job_file: Path, budgets: list[int], seeds: list[int], target: float, out: Path,
                      smoke: bool, command: str) -> list[dict]:
-    rows, results = [], {}
-    for eta in budgets:
-        before = stack.reload_stats()
-        over = {"max_staleness": eta, "name": f"throughput-eta{eta}"}
-        if smoke:
-            over["train"] = {"steps": 3, "checkpoint_every": 3}
-            over["eval"] = {"every": 3}
-        result = stack.run(base_spec(job_file, **over))
-        results[eta] = result
-        rows.append(summarize(result, target, before))
-    sync = rows[0]["samples_per_s"] if rows and rows[0]["max_staleness"] == 0 else None
+    rows, results, overhead = [], {}, []
+    for seed in seeds:
+        for eta in budgets:
+            over = {"max_staleness": eta, "name": f"throughput-eta{eta}-s{seed}", "train": {"seed": seed}}
+            if smoke:
+                over["train"] = {"seed": seed, "steps": 3, "checkpoint_every": 3}
+                over["eval"] = {"every": 3}
+            result = stack.run(base_spec(job_file, **over))
+            results.setdefault(eta, result)  # the plots show the first seed's runs
+            rows.append(summarize(result, target))
+            overhead += overhead_rows(f"eta{eta}-s{seed}", result, rows[-1])
     for row in rows:
-        row["vs_sync"] = round(row["samples_per_s"] / sync, 2) if sync else None
-    write_table(out, "throughput", "Throughput and accuracy by staleness budget", command, rows, [
+        sync = next((r for r in rows if r["seed"] == row["seed"] and r["max_staleness"] == 0), None)
+        row["vs_sync"] = round(row["samples_per_s"] / sync["samples_per_s"], 2) if sync else None
+    agg = []
+    for eta in budgets:
+        group = [r for r in rows if r["max_staleness"] == eta]
+        agg.append({"max_staleness": eta, "seeds": len(group), **spread(group, "samples_per_s"),
+                    **spread(group, "vs_sync"), **spread(group, "final_accuracy"),
+                    **spread(group, "time_to_target_s"), **spread(group, "mean_staleness")})
+    notes = [
         f"time_to_target_s: wall time from job start to the first held-out evaluation at >= {target:.0%} exact "
         "match (evaluations every eval.every steps, so it is a step function).",
-        "step_period_s = wall / steps; learner_step_s, learner_wait_s, publish_s are per-step means from the "
-        "learner's records; reload_s is the rollout's mean weight-reload time per version.",
-    ])
+        "samples_per_s and step_period_s divide by the whole wall time (start-up included); steady_period_s "
+        "leaves out the first tenth of the steps. learner_step_s, learner_wait_s, publish_s are per-step means "
+        "from the learner's records; reload_s is the rollout's mean weight-reload time per version; vs_sync "
+        "compares with the same seed's max_staleness 0 run.",
+    ]
+    write_table(out, "throughput-runs", "Throughput and accuracy by staleness budget: every run", command, rows, notes)
+    write_table(out, "throughput", "Throughput and accuracy by staleness budget (mean, min, max over seeds)",
+                command, agg, notes)
+    write_overhead(out, "throughput-overhead", command, overhead)
     plot_curves(results, out / "throughput.png")
     plot_staleness(results, out / "staleness.png")
-    return rows
+    return agg
+
+
+def write_overhead(out: Path, name: str, command: str, rows: list[dict]) -> None:
+    write_table(out, name, "Where each service's time goes per step (ms), from asyncopd_phase_seconds_total", command,
+                rows, [
+                    "Phases (asyncopd/phases.py): engine = generate / score / forward+backward+optimizer; redis = "
+                    "stream reads that found work, writes, acks, job state; serialize = entry encode/decode; "
+                    "tokenize = prompt rendering; weights = publish (learner) / reload (rollout); idle = blocked "
+                    "waiting for work or a version. gRPC is the control plane only: no gRPC call happens per step.",
+                    "data_path_pct = (redis + serialize) / steady step period; weights_pct = weights / steady step "
+                    "period. Services run concurrently, so each percentage is of the same wall-clock step.",
+                ])
 
 
 def suite_pipeline(run_dir: Path, job_file: Path, out: Path, smoke: bool, command: str,
@@ -142,33 +215,64 @@ def suite_pipeline(run_dir: Path, job_file: Path, out: Path, smoke: bool, comman
         "teacher": {"ASYNCOPD_SYNTHETIC_LATENCY_S": str(teacher_s), "ASYNCOPD_MAX_BATCH_SAMPLES": "256"},
         "learner": {"ASYNCOPD_SYNTHETIC_STEP_S": str(learner_s)},
     })
-    steps = 4 if smoke else 40
-    rows = []
+    steps = 4 if smoke else 100
+    rows, overhead = [], []
     try:
         for eta in (0, 4):
             spec = base_spec(job_file, name=f"pipeline-eta{eta}", max_staleness=eta,
                              train={"steps": steps, "checkpoint_every": steps}, eval={"every": 0})
-            before = stack.reload_stats()
-            rows.append(summarize(stack.run(spec), None, before))
+            result = stack.run(spec)
+            rows.append(summarize(result, None))
+            overhead += overhead_rows(f"pipeline-eta{eta}", result, rows[-1])
     finally:
         stack.close()
     ideal = (rollout_s + teacher_s + learner_s) / max(latencies)
     sync, fast = rows
-    achieved = sync["step_period_s"] / fast["step_period_s"]
-    for row in rows:
-        row.update(ideal_speedup=round(ideal, 3), achieved_speedup=round(achieved, 3))
-    sync["throughput_vs_ideal"] = round(sum(latencies) / sync["step_period_s"], 3)
-    fast["throughput_vs_ideal"] = round(max(latencies) / fast["step_period_s"], 3)
+    for row, ideal_period in ((sync, sum(latencies)), (fast, max(latencies))):
+        period = row["steady_period_s"] or row["step_period_s"]
+        row.update(ideal_speedup=round(ideal, 3),
+                   achieved_speedup=round((sync["steady_period_s"] or sync["step_period_s"]) /
+                                          (fast["steady_period_s"] or fast["step_period_s"]), 3),
+                   throughput_vs_ideal=round(ideal_period / period, 3),
+                   with_startup_vs_ideal=round(ideal_period / row["step_period_s"], 3),
+                   overhead_ms=round(1000 * (period - ideal_period), 1))
     write_table(out, "pipeline", "Pipeline efficiency with fixed stage latencies (synthetic engine)", command, rows, [
         f"Stages per step: rollout generate {rollout_s} s, teacher score {teacher_s} s, learner step {learner_s} s "
         "(sleeps: the synthetic engine and ASYNCOPD_SYNTHETIC_STEP_S; benchmark instruments, never defaults).",
         f"Ideal step period: sync = sum of stages = {sum(latencies):.3f} s, async = slowest stage = "
         f"{max(latencies):.3f} s, so the ideal async/sync speed-up is {ideal:.3f}. throughput_vs_ideal = ideal "
-        "period / measured period for each mode; achieved_speedup = sync period / async period.",
-        f"Overhead beyond the ideal: sync {1000 * (sync['step_period_s'] - sum(latencies)):.0f} ms per step, async "
-        f"{1000 * (fast['step_period_s'] - max(latencies)):.0f} ms per step (Redis round trips, serialization, "
-        f"polling, weight publish {1000 * fast['publish_s']:.0f} ms on the learner's path, reload on the rollout's).",
+        "period / steady period (the first tenth of the steps, start-up and pipeline fill, left out); "
+        "with_startup_vs_ideal uses wall / steps instead; achieved_speedup = sync steady period / async steady "
+        "period; overhead_ms = steady period - ideal period.",
+        f"first_step_s is the job's start-up: loading the models and filling the pipeline ({steps} steps per job).",
     ])
+    write_overhead(out, "pipeline-overhead", command, overhead)
+    return rows
+
+
+def suite_reload(run_dir: Path, job_file: Path, engine: str, eta: int, lags: list[int], steps: int, out: Path,
+                 smoke: bool, command: str) -> list[dict]:
+    """The same job with the rollout following every version (ASYNCOPD_RELOAD_LAG=0) and with fewer reloads:
+    each lag on its own stack (the lag is a rollout worker setting, not part of the job)."""
+    rows, overhead = [], []
+    for lag in lags:
+        stack = Stack(run_dir / f"lag{lag}", engine, service_env={"coordinator": {"ASYNCOPD_RELOAD_LAG": str(lag)}})
+        try:
+            spec = base_spec(job_file, name=f"reload-lag{lag}", max_staleness=eta,
+                             train={"steps": 3 if smoke else steps, "checkpoint_every": 3 if smoke else steps},
+                             eval={"every": 3 if smoke else steps})
+            result = stack.run(spec)
+        finally:
+            stack.close()
+        row = {"reload_lag": lag, **summarize(result, None)}
+        row["reloads_per_step"] = round(result["usage"].get("rollout", {}).get("reloads", 0) / max(row["steps"], 1), 3)
+        rows.append(row)
+        overhead += overhead_rows(f"lag{lag}", result, row)
+    write_table(out, "reload", f"Rollout reload lag at max_staleness {eta}: reloads vs freshness", command, rows, [
+        "reload_lag: a rollout worker loads a newer policy only once it is more than this many versions ahead of "
+        "the loaded one, or when a batch's version fence needs it (ASYNCOPD_RELOAD_LAG).",
+    ])
+    write_overhead(out, "reload-overhead", command, overhead)
     return rows
 
 
@@ -182,8 +286,7 @@ def suite_findings(stack: Stack, job_file: Path, objectives: list[str], budgets:
                                  objective={"kind": kind},
                                  train={"steps": 3 if smoke else steps, "seed": seed, "checkpoint_every": steps},
                                  eval={"every": 3 if smoke else steps})
-                before = stack.reload_stats()
-                rows.append(summarize(stack.run(spec), None, before))
+                rows.append(summarize(stack.run(spec), None))
     agg = []
     for kind in objectives:
         for eta in budgets:
@@ -275,16 +378,19 @@ def plot_findings(agg: list[dict], path: Path) -> None:
 
 def run(args) -> None:
     out, command = args.out, "asyncopd bench " + " ".join(args.argv)
-    suites = ["throughput", "pipeline", "findings"] if args.suite == "all" else [args.suite]
+    suites = ["throughput", "pipeline", "reload", "findings"] if args.suite == "all" else [args.suite]
     summary = {}
     if "pipeline" in suites:
         summary["pipeline"] = suite_pipeline(args.run_dir / "bench-pipeline", args.file, out, args.smoke, command)
+    if "reload" in suites:
+        summary["reload"] = suite_reload(args.run_dir / "bench-reload", args.file, args.engine, args.reload_eta,
+                                         args.reload_lags, args.reload_steps, out, args.smoke, command)
     if {"throughput", "findings"} & set(suites):
         stack = Stack(args.run_dir / "bench", args.engine)
         try:
             if "throughput" in suites:
-                summary["throughput"] = suite_throughput(stack, args.file, args.budgets, args.target, out,
-                                                         args.smoke, command)
+                summary["throughput"] = suite_throughput(stack, args.file, args.budgets, args.seeds, args.target,
+                                                         out, args.smoke, command)
             if "findings" in suites:
                 summary["findings"] = suite_findings(stack, args.file, args.objectives, args.findings_budgets,
                                                      args.seeds, args.findings_steps, out, args.smoke, command)

@@ -277,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("bench", help="experiments through the real stack: throughput, pipeline, findings")
     p.add_argument("file", type=Path, nargs="?", default=Path("examples/tiny-job.yaml"))
-    p.add_argument("--suite", choices=("all", "throughput", "pipeline", "findings"), default="all")
+    p.add_argument("--suite", choices=("all", "throughput", "pipeline", "reload", "findings"), default="all")
     p.add_argument("--budgets", type=int, nargs="+", default=[0, 1, 2, 4])
     p.add_argument("--target", type=float, default=0.6, help="held-out accuracy for time-to-target")
     p.add_argument("--objectives", nargs="+",
@@ -285,6 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--findings-budgets", type=int, nargs="+", default=[0, 2, 8])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--findings-steps", type=int, default=300)
+    p.add_argument("--reload-eta", type=int, default=4, help="max_staleness of the reload-lag suite")
+    p.add_argument("--reload-lags", type=int, nargs="+", default=[0, 3])
+    p.add_argument("--reload-steps", type=int, default=1000)
     p.add_argument("--smoke", action="store_true", help="a few steps per job: checks the harness, measures nothing")
     p.add_argument("--engine", choices=("vllm", "hf"), default="vllm")
     p.add_argument("--out", type=Path, default=Path("docs/results"))

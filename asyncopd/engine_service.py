@@ -7,7 +7,7 @@ import logging
 import threading
 from abc import ABC, abstractmethod
 
-from asyncopd import state, streams
+from asyncopd import phases, state, streams
 from asyncopd.engines import Engine, build_engine
 from asyncopd.runtime import ServiceRuntime
 from asyncopd.settings import EngineSettings
@@ -42,7 +42,8 @@ class EngineService(ABC):
 
     def run(self) -> None:
         while not self.rt.stop.is_set():
-            job = state.active_job(self.r)
+            with phases.timed(phases.REDIS):
+                job = state.active_job(self.r)
             if self.job is not None and (job is None or job.id != self.job.id):
                 self.unload()
             if job is None or job.id == self.failed_job or (self.job is None and not self.load(job)):

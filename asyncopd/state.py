@@ -85,11 +85,13 @@ def new_lineage(r: redis.Redis, job_id: str) -> int:
 
 def publish_version(r: redis.Redis, job_id: str, version: int, path: str, lineage: int) -> None:
     """Make (lineage, version) visible at once: the path, the number rollouts and the coordinator watch, and
-    the learner lineage that produced it (a restarted learner starts a new lineage from its checkpoint)."""
+    the learner lineage that produced it (a restarted learner starts a new lineage from its checkpoint). A
+    `version` event wakes the coordinator, whose admission control releases the batches it admits."""
     pipe = r.pipeline(transaction=True)
     pipe.hset(weights_path_key(job_id), str(version), path)
     pipe.set(version_key(job_id), version)
     pipe.set(lineage_key(job_id), lineage)
+    _add_event(pipe, job_id, "version", "learner", version=version)
     pipe.execute()
 
 
@@ -105,6 +107,10 @@ def weights_path(r: redis.Redis, job_id: str, version: int) -> str | None:
 
 def report_event(r: redis.Redis, job_id: str, kind: str, service: str, **fields: str) -> None:
     """`kind` is `failed` (with `reason`) or `completed` (with `result_dir`); the coordinator acts on them."""
+    _add_event(r, job_id, kind, service, **fields)
+
+
+def _add_event(r, job_id: str, kind: str, service: str, **fields) -> None:
     r.xadd(EVENTS, {"job_id": job_id, "kind": kind, "service": service, **{k: str(v) for k, v in fields.items()}},
            maxlen=10_000, approximate=True)
 

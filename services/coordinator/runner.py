@@ -11,7 +11,7 @@ import zlib
 import redis
 from prometheus_client import Counter, Gauge
 
-from asyncopd import state, streams
+from asyncopd import phases, state, streams
 from asyncopd.jobspec import JobSpec
 from asyncopd.streams import PromptEntry
 from services.coordinator import admission
@@ -65,24 +65,29 @@ class JobRunner:
     def _loop(self) -> None:
         last_metrics = 0.0
         while not self.stop.is_set():
+            self.last_tick = time.time()
             try:
                 self.tick()
                 if time.time() - last_metrics > 2:
                     self.export_metrics()
                     last_metrics = time.time()
+                # Until the next tick or the next event: a published version releases what it admits at once.
+                self.handle_events(block_ms=max(1, int(self.tick_s * 1000)))
             except redis.ConnectionError:
                 log.warning("redis unreachable; retrying")
+                self.stop.wait(self.tick_s)
             except Exception:
                 log.exception("runner tick failed")
-            self.last_tick = time.time()
-            self.stop.wait(self.tick_s)
+                self.stop.wait(self.tick_s)
 
     def tick(self) -> None:
-        self.handle_events()
-        job_id = self.r.get(state.ACTIVE)
+        with phases.timed(phases.REDIS):
+            self.handle_events()
+            job_id = self.r.get(state.ACTIVE)
+            running = job_id is not None and self.store.field(job_id, "state") == "running"
         if job_id is None:
             self.start_next()
-        elif self.store.field(job_id, "state") == "running":
+        elif running:
             self.release(job_id)
 
     def start_next(self) -> None:
@@ -104,28 +109,30 @@ class JobRunner:
         log.info("job %s running (%d prompts, max_staleness %d)", job_id, len(prompts), spec.max_staleness)
 
     def release(self, job_id: str) -> None:
-        spec: JobSpec = self.store.spec(job_id)
+        with phases.timed(phases.REDIS):
+            spec: JobSpec = self.store.spec(job_id)
+            released = int(self.store.field(job_id, "released_batches") or 0)
+            version = state.policy_version(self.r, job_id)
         if self.prompts is None or self.prompts[0] != job_id:  # coordinator restarted mid-job
             self.prompts = (job_id, preflight(spec))
         prompts = self.prompts[1]
-        released = int(self.store.field(job_id, "released_batches") or 0)
-        version = state.policy_version(self.r, job_id)
         for batch in admission.releasable_batches(version, released, spec.max_staleness, spec.train.steps):
             fence = admission.version_fence(batch, spec.max_staleness)
-            pipe = self.r.pipeline(transaction=True)
-            for i, idx in enumerate(admission.prompt_indices(batch, spec.train.prompts_per_step, len(prompts))):
-                entry = PromptEntry(
-                    job_id=job_id, batch=batch, prompt_id=f"b{batch}-p{i}", **prompts[idx], n=spec.generation.n,
-                    max_tokens=spec.generation.max_tokens, temperature=spec.generation.temperature,
-                    seed=prompt_seed(spec.train.seed, batch, i), min_version=fence,
-                )
-                pipe.xadd(streams.PROMPTS, entry.to_fields())
-            pipe.hset(state.job_key(job_id), "released_batches", batch + 1)
-            pipe.execute()
+            with phases.timed(phases.SERIALIZE):
+                entries = [
+                    PromptEntry(
+                        job_id=job_id, batch=batch, prompt_id=f"b{batch}-p{i}", **prompts[idx], n=spec.generation.n,
+                        max_tokens=spec.generation.max_tokens, temperature=spec.generation.temperature,
+                        seed=prompt_seed(spec.train.seed, batch, i), min_version=fence,
+                    )
+                    for i, idx in enumerate(admission.prompt_indices(batch, spec.train.prompts_per_step, len(prompts)))
+                ]
+            streams.write(self.r, streams.PROMPTS, entries,
+                          also=lambda pipe, b=batch: pipe.hset(state.job_key(job_id), "released_batches", b + 1))
             RELEASED.inc(spec.train.prompts_per_step)
 
-    def handle_events(self) -> None:
-        reply = self.r.xreadgroup(EVENTS_GROUP, self.consumer, {state.EVENTS: ">"}, count=100)
+    def handle_events(self, block_ms: int | None = None) -> None:
+        reply = self.r.xreadgroup(EVENTS_GROUP, self.consumer, {state.EVENTS: ">"}, count=100, block=block_ms)
         for _, entries in reply or []:
             for event_id, ev in entries:
                 self._apply(ev)
@@ -133,7 +140,7 @@ class JobRunner:
 
     def _apply(self, ev: dict) -> None:
         job_id = ev.get("job_id", "")
-        if not self.store.exists(job_id):
+        if ev.get("kind") not in ("failed", "completed") or not self.store.exists(job_id):
             return
         if ev.get("kind") == "failed":
             if self.store.finish(job_id, "failed", reason=ev.get("reason", "unknown")):

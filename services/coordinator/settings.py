@@ -23,5 +23,5 @@ class CoordinatorSettings(ServiceSettings):
     k8s_ca_file: Path | None = Field(Path("/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"),
                                      description="CA bundle verifying an https Kubernetes API server.")
     log_dir: Path = Field(Path(".run/logs"), description="Logs of locally started rollout workers.")
-    tick_s: float = Field(0.02, gt=0, description="Admission-control loop period (bounds how soon a new version "
-                          "releases the next batch: the synchronous pipeline waits on it every step).")
+    tick_s: float = Field(0.1, gt=0, description="Admission-control loop period when no event arrives (a published "
+                          "version wakes it at once; this bounds how soon new and cancelled jobs are noticed).")

@@ -14,7 +14,7 @@ from collections import defaultdict
 
 import redis
 
-from asyncopd import state, streams
+from asyncopd import phases, state, streams
 from asyncopd.streams import Message, ScoredEntry
 
 log = logging.getLogger(__name__)
@@ -31,6 +31,7 @@ class BatchAssembler:
         self.duplicates: list[str] = []  # redelivered copies of buffered samples: acked with their batch
         self.skipped: list[str] = []  # entries of other jobs or of batches already trained
 
+    @phases.timed(phases.REDIS)
     def lost(self, batch: int) -> int:
         return int(self.r.hget(streams.lost_key(self.job_id), str(batch)) or 0)
 

@@ -13,7 +13,7 @@ import time
 
 import torch.distributed as dist
 
-from asyncopd import state
+from asyncopd import phases, state
 from asyncopd.runtime import ServiceRuntime
 from services.learner import metrics
 from services.learner.batches import BatchAssembler
@@ -92,6 +92,7 @@ class Learner:
                 self.rt.set_model_loaded(False)
         self.comm.shutdown()
 
+    @phases.timed(phases.REDIS)
     def still_active(self, job: state.ActiveJob) -> bool:
         current = state.active_job(self.r)
         return current is not None and current.id == job.id and not self.rt.stop.is_set()
@@ -137,13 +138,13 @@ class Learner:
             dropped = len(entries) - len(fresh)
             for e in fresh:
                 metrics.STALENESS.observe(t - e.policy_version)
-            if fresh:
-                result = self.comm.call("step", fresh)
-            else:  # an all-stale batch still advances the schedule, with no update applied
-                result = self.comm.call("skip")
+            with phases.timed(phases.ENGINE):
+                # an all-stale batch still advances the schedule, with no update applied
+                result = self.comm.call("step", fresh) if fresh else self.comm.call("skip")
             t_pub = time.perf_counter()
-            path = self.comm.call("publish")
-            state.publish_version(self.r, job.id, trainer.version, path, lineage)
+            with phases.timed(phases.WEIGHTS):
+                path = self.comm.call("publish")
+                state.publish_version(self.r, job.id, trainer.version, path, lineage)
             publish_s = time.perf_counter() - t_pub
             record = {
                 "step": t + 1, "version": trainer.version, "samples": len(fresh), "dropped_stale": dropped,
@@ -152,15 +153,18 @@ class Learner:
                 "mean_staleness": sum(t - e.policy_version for e in fresh) / max(len(fresh), 1),
                 "wait_s": round(wait_s, 4), "publish_s": round(publish_s, 4), "time": time.time(), **result,
             }
-            self.r.rpush(state.steps_key(job.id), json.dumps(record))
-            records.write(json.dumps(record) + "\n")
-            records.flush()
+            with phases.timed(phases.REDIS):
+                self.r.rpush(state.steps_key(job.id), json.dumps(record))
+                records.write(json.dumps(record) + "\n")
+                records.flush()
             self._observe(record)
             if evaluator and (trainer.version % spec.eval.every == 0 or trainer.version == spec.train.steps):
-                evaluator.run(trainer.version, path)
+                with phases.timed(phases.EVAL):
+                    evaluator.run(trainer.version, path)
             unacked += [m.id for m, _ in items]
             if trainer.version % spec.train.checkpoint_every == 0 or trainer.version == spec.train.steps:
-                self.comm.call("checkpoint")
+                with phases.timed(phases.CHECKPOINT):
+                    self.comm.call("checkpoint")
                 assembler.ack(unacked)
                 unacked = []
         result_dir = self.comm.call("export")

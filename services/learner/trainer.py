@@ -305,26 +305,12 @@ class Trainer:
                 return {k: v.clone() for k, v in self.model.state_dict().items()} if self.rank == 0 else None
         return self.model.state_dict() if self.rank == 0 else None
 
-    def save_hf(self, target: Path, with_tokenizer: bool = False) -> None:
-        """Write the student in HF format (config + safetensors) to `target` atomically. Collective."""
-        from transformers import AutoTokenizer
-
-        state = self._full_state_dict()
-        if self.rank == 0:
-            tmp = target.with_name(target.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            self.model.save_pretrained(tmp, state_dict=state)
-            if with_tokenizer:
-                AutoTokenizer.from_pretrained(self.spec.student.model).save_pretrained(tmp)
-            weights.commit_dir(tmp, target)
-
     def publish(self) -> str:
         """Write the current weights as version `self.version`. Collective; returns the path on rank 0."""
         target = weights.version_dir(self.weights_root, self.version)
+        state = self._full_state_dict()
         if self.rank == 0:
-            target.parent.mkdir(parents=True, exist_ok=True)
-        self.save_hf(target)
-        if self.rank == 0:
+            weights.save_version(state, self.model.config.to_json_string(), target)
             weights.prune(self.weights_root, self.version - self.spec.max_staleness - self.settings.keep_versions)
         return str(target)
 
@@ -333,9 +319,17 @@ class Trainer:
                                     client_state={"version": self.version})
 
     def export(self) -> Path:
-        """The distilled student, tokenizer included: what the user came for."""
+        """The distilled student in HF format, tokenizer included: what the user came for. Collective."""
+        from transformers import AutoTokenizer
+
         target = self.out / "student"
-        self.save_hf(target, with_tokenizer=True)
+        state = self._full_state_dict()
+        if self.rank == 0:
+            tmp = target.with_name(target.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.model.save_pretrained(tmp, state_dict=state)
+            AutoTokenizer.from_pretrained(self.spec.student.model).save_pretrained(tmp)
+            weights.commit_dir(tmp, target)
         return target
 
 

@@ -8,3 +8,7 @@ class RolloutSettings(EngineSettings):
 
     max_batch_prompts: int = Field(16, ge=1, description="Prompt entries generated together per engine call.")
     weight_wait_s: float = Field(120.0, gt=0, description="Give up waiting for a fenced policy version after this.")
+    reload_lag: int = Field(0, ge=0, description="Load a newer policy only once it is more than this many versions "
+                            "ahead of the loaded one; a batch's version fence always forces it. 0 follows every "
+                            "version; larger values trade sample freshness (still within max_staleness) for fewer "
+                            "reloads.")

@@ -9,13 +9,20 @@ from __future__ import annotations
 import logging
 import time
 
-from asyncopd import state, streams
+from asyncopd import phases, state, streams
 from asyncopd.engine_service import EngineService
 from asyncopd.streams import PromptEntry, RolloutEntry
 from services.rollout import metrics
 from services.rollout.settings import RolloutSettings
 
 log = logging.getLogger(__name__)
+
+
+def needs_reload(loaded: tuple[int, int], head: tuple[int, int], fence: int, lag: int) -> bool:
+    """Whether to load the newest published (lineage, version) before generating a batch fenced at `fence`."""
+    if head[0] != loaded[0] or head[1] < loaded[1]:
+        return True  # a restarted learner's new lineage: its head may lie behind what is loaded
+    return head[1] > loaded[1] and (loaded[1] < fence or head[1] - loaded[1] > lag)
 
 
 class RolloutWorker(EngineService):
@@ -25,7 +32,7 @@ class RolloutWorker(EngineService):
 
     def __init__(self, settings: RolloutSettings, runtime) -> None:
         super().__init__(settings, runtime, settings.max_batch_prompts)
-        self.weight_wait_s = settings.weight_wait_s
+        self.weight_wait_s, self.reload_lag = settings.weight_wait_s, settings.reload_lag
 
     def model_name(self, job):
         return job.spec.student.model
@@ -39,11 +46,14 @@ class RolloutWorker(EngineService):
         and wait until the version reaches `at_least` (the entry's fence)."""
         deadline = time.monotonic() + self.weight_wait_s
         while True:
-            lineage, version = state.policy_head(self.r, self.job.id)
-            path = state.weights_path(self.r, self.job.id, version)
-            if (lineage, version) != (self.lineage, self.engine.version) and lineage and path:
+            with phases.timed(phases.REDIS):
+                lineage, version = state.policy_head(self.r, self.job.id)
+                path = state.weights_path(self.r, self.job.id, version) if lineage else None
+            if path and needs_reload((self.lineage, self.engine.version), (lineage, version), at_least,
+                                     self.reload_lag):
                 t0 = time.perf_counter()
-                self.engine.load_weights(path, version)
+                with phases.timed(phases.WEIGHTS):
+                    self.engine.load_weights(path, version)
                 self.lineage = lineage
                 metrics.RELOAD_SECONDS.observe(time.perf_counter() - t0)
                 self.rt.info["policy_version"] = version
@@ -51,7 +61,8 @@ class RolloutWorker(EngineService):
                 return
             if time.monotonic() > deadline or self.rt.stop.is_set():
                 raise TimeoutError(f"policy version {at_least} not published within {self.weight_wait_s}s")
-            time.sleep(0.05)
+            with phases.timed(phases.IDLE):
+                time.sleep(0.01)
 
     def render(self, entry: PromptEntry) -> list[int]:
         if entry.messages is not None:
@@ -75,9 +86,12 @@ class RolloutWorker(EngineService):
         rendered = []
         for msg, entry in work:
             try:
-                rendered.append((msg, entry, self.render(entry)))
+                with phases.timed(phases.TOKENIZE):
+                    ids = self.render(entry)
             except Exception as exc:
                 self.consumer.dead_letter(msg, f"cannot render prompt: {exc}", entry)
+                continue
+            rendered.append((msg, entry, ids))
         if not rendered:
             return
         # Within a job only the seed differs between entries, so one engine call serves the whole batch.
@@ -85,25 +99,24 @@ class RolloutWorker(EngineService):
         t0 = time.perf_counter()
         spec = self.job.spec
         top_k = spec.scoring.top_k if spec.objective.needs_student_topk() else 0
-        results = self.engine.generate([ids for _, _, ids in rendered], n=first.n, max_tokens=first.max_tokens,
-                                       temperature=first.temperature, seeds=[e.seed for _, e, _ in rendered],
-                                       top_k=top_k)
+        with phases.timed(phases.ENGINE):
+            results = self.engine.generate([ids for _, _, ids in rendered], n=first.n, max_tokens=first.max_tokens,
+                                           temperature=first.temperature, seeds=[e.seed for _, e, _ in rendered],
+                                           top_k=top_k)
+            samples = [(entry, prompt_ids, i, c)
+                       for (_, entry, prompt_ids), completions in zip(rendered, results, strict=True)
+                       for i, c in enumerate(completions)]
+            extras = self.monte_carlo(samples, first.temperature)
         metrics.GENERATE_SECONDS.observe(time.perf_counter() - t0)
-        samples = [(entry, prompt_ids, i, c)
-                   for (_, entry, prompt_ids), completions in zip(rendered, results, strict=True)
-                   for i, c in enumerate(completions)]
-        extras = self.monte_carlo(samples, first.temperature)
-        pipe = self.r.pipeline()
-        for (entry, prompt_ids, i, c), mc in zip(samples, extras, strict=True):
-            out = RolloutEntry(job_id=entry.job_id, batch=entry.batch, sample_id=f"{entry.prompt_id}-s{i}",
-                               prompt_token_ids=prompt_ids, completion_token_ids=c.token_ids,
-                               behavior_logprobs=c.logprobs, policy_version=self.engine.version,
-                               lineage=self.lineage,
-                               student_topk_ids=[t for row in c.topk_ids or [] for t in row],
-                               finish_reason=c.finish_reason, **mc)
-            pipe.xadd(streams.ROLLOUTS, out.to_fields())
-            metrics.TOKENS.inc(len(c.token_ids))
-            metrics.SAMPLES.inc()
-        pipe.execute()
+        with phases.timed(phases.SERIALIZE):
+            out = [RolloutEntry(job_id=entry.job_id, batch=entry.batch, sample_id=f"{entry.prompt_id}-s{i}",
+                                prompt_token_ids=prompt_ids, completion_token_ids=c.token_ids,
+                                behavior_logprobs=c.logprobs, policy_version=self.engine.version,
+                                lineage=self.lineage, student_topk_ids=[t for row in c.topk_ids or [] for t in row],
+                                finish_reason=c.finish_reason, **mc)
+                   for (entry, prompt_ids, i, c), mc in zip(samples, extras, strict=True)]
+        streams.write(self.r, streams.ROLLOUTS, out)
+        metrics.TOKENS.inc(sum(len(c.token_ids) for *_, c in samples))
+        metrics.SAMPLES.inc(len(samples))
         # Ack only once the rollouts are in Redis: a crash in between regenerates, and sample ids dedupe later.
         self.consumer.ack([m.id for m, _, _ in rendered])

@@ -6,7 +6,7 @@ import time
 
 from prometheus_client import Counter, Histogram
 
-from asyncopd import streams
+from asyncopd import phases, streams
 from asyncopd.engine_service import EngineService
 from asyncopd.engines import SequenceScores
 from asyncopd.streams import RolloutEntry, ScoredEntry
@@ -48,20 +48,20 @@ class TeacherScorer(EngineService):
     def handle(self, work):
         top_k = self.job.spec.scoring.top_k
         t0 = time.perf_counter()
-        scores = self.engine.score([e.prompt_token_ids for _, e in work], [e.completion_token_ids for _, e in work],
-                                   top_k=top_k)
-        mc = self.score_monte_carlo([e for _, e in work])
+        with phases.timed(phases.ENGINE):
+            scores = self.engine.score([e.prompt_token_ids for _, e in work],
+                                       [e.completion_token_ids for _, e in work], top_k=top_k)
+            mc = self.score_monte_carlo([e for _, e in work])
+            # support "student": the student's top-K, scored by the teacher, in place of the teacher's own
+            scores = [self.score_student_support(e, s, top_k) if e.student_topk_ids else s
+                      for (_, e), s in zip(work, scores, strict=True)]
         SCORE_SECONDS.observe(time.perf_counter() - t0)
-        pipe = self.r.pipeline()
-        for (_, entry), s, mc_logprobs in zip(work, scores, mc, strict=True):
-            if entry.student_topk_ids:  # support "student": the student's top-K, scored by the teacher
-                s = self.score_student_support(entry, s, top_k)
-            scored = ScoredEntry(
-                **entry.model_dump(), top_k=top_k, teacher_sampled_logprobs=s.sampled_logprobs,
-                teacher_topk_ids=[i for row in s.topk_ids for i in row],
-                teacher_topk_logprobs=[v for row in s.topk_logprobs for v in row], mc_teacher_logprobs=mc_logprobs,
-            )
-            pipe.xadd(streams.SCORED, scored.to_fields())
-        pipe.execute()
+        with phases.timed(phases.SERIALIZE):
+            out = [ScoredEntry(**entry.model_dump(), top_k=top_k, teacher_sampled_logprobs=s.sampled_logprobs,
+                               teacher_topk_ids=[i for row in s.topk_ids for i in row],
+                               teacher_topk_logprobs=[v for row in s.topk_logprobs for v in row],
+                               mc_teacher_logprobs=mc_logprobs)
+                   for (_, entry), s, mc_logprobs in zip(work, scores, mc, strict=True)]
+        streams.write(self.r, streams.SCORED, out)
         self.consumer.ack([m.id for m, _ in work])
         SAMPLES.inc(len(work))

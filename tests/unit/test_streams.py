@@ -82,3 +82,25 @@ def test_ack_deletes_so_stream_length_is_the_backlog(r):
     msgs = c.read(10, 100)
     c.ack([m.id for m in msgs[:2]])
     assert streams.stream_stats(r, streams.ROLLOUTS) == {"length": 1, "pending": 1}
+
+
+def test_write_appends_in_order_and_runs_the_extra_commands_in_the_same_transaction(r):
+    streams.write(r, streams.PROMPTS, [prompt(i=0), prompt(i=1)], also=lambda pipe: pipe.set("released", 1))
+    got = [PromptEntry.from_fields(f) for _, f in r.xrange(streams.PROMPTS)]
+    assert [e.prompt_id for e in got] == ["b0-p0", "b0-p1"] and r.get("released") == "1"
+
+
+def test_reads_and_serialization_are_accounted_by_phase_and_waiting_is_idle(r):
+    from asyncopd.phases import IDLE, PHASE_SECONDS, REDIS, SERIALIZE
+
+    def seconds(phase):
+        return PHASE_SECONDS.labels(phase)._value.get()
+
+    c = StreamConsumer(r, streams.PROMPTS, "w1", reclaim_idle_ms=None)
+    before = {p: seconds(p) for p in (IDLE, REDIS, SERIALIZE)}
+    assert c.read(10, 200) == []  # nothing queued: the blocking wait is idle time
+    assert seconds(IDLE) - before[IDLE] >= 0.15
+    streams.write(r, streams.PROMPTS, [prompt()])
+    c.decode(c.read(10, 200), PromptEntry)
+    assert seconds(REDIS) > before[REDIS] and seconds(SERIALIZE) > before[SERIALIZE]
+    assert seconds(IDLE) - before[IDLE] < 0.3  # the second read found work at once
