@@ -277,32 +277,30 @@ def suite_reload(run_dir: Path, job_file: Path, engine: str, eta: int, lags: lis
 
 
 def suite_findings(stack: Stack, job_file: Path, objectives: list[str], budgets: list[int], seeds: list[int],
-                   steps: int, out: Path, smoke: bool, command: str) -> list[dict]:
+                   steps: int, learning_rate: float | None, out: Path, smoke: bool, command: str) -> list[dict]:
     rows = []
+    train = {"steps": 3 if smoke else steps, "checkpoint_every": steps}
+    if learning_rate is not None:
+        train["learning_rate"] = learning_rate
     for kind in objectives:
         for eta in budgets:
             for seed in seeds:
                 spec = base_spec(job_file, name=f"findings-{kind}-eta{eta}-s{seed}", max_staleness=eta,
-                                 objective={"kind": kind},
-                                 train={"steps": 3 if smoke else steps, "seed": seed, "checkpoint_every": steps},
+                                 objective={"kind": kind}, train={**train, "seed": seed},
                                  eval={"every": 3 if smoke else steps})
                 rows.append(summarize(stack.run(spec), None))
     agg = []
     for kind in objectives:
         for eta in budgets:
             group = [r for r in rows if r["objective"] == kind and r["max_staleness"] == eta]
-            accs = [r["final_accuracy"] for r in group if r["final_accuracy"] is not None]
-            kls = [r["final_kl"] for r in group if r["final_kl"] is not None]
             agg.append({"objective": kind, "max_staleness": eta, "seeds": len(group),
-                        "accuracy_mean": round(sum(accs) / len(accs), 3) if accs else None,
-                        "accuracy_min": min(accs, default=None), "accuracy_max": max(accs, default=None),
-                        "kl_mean": round(sum(kls) / len(kls), 4) if kls else None,
-                        "kl_min": min(kls, default=None), "kl_max": max(kls, default=None),
+                        **spread(group, "final_accuracy"), **spread(group, "final_kl"),
                         "mean_staleness": round(sum(r["mean_staleness"] for r in group) / len(group), 2)})
     write_table(out, "findings-runs", "Findings: every run", command, rows, [])
     write_table(out, "findings", "The paper's findings at toy scale: objective x staleness (mean and range over seeds)",
                 command, agg, [f"Each run: {steps} steps from the same student; final held-out exact match and "
-                               "exact KL(student||teacher) of the distilled student."])
+                               "exact KL(student||teacher) of the distilled student."
+                               + (f" Learning rate {learning_rate} for every run." if learning_rate else "")])
     plot_findings(agg, out / "findings.png")
     return agg
 
@@ -362,11 +360,12 @@ def plot_findings(agg: list[dict], path: Path) -> None:
     kinds = sorted({a["objective"] for a in agg}, key=[a["objective"] for a in agg].index)
     fig, ax = plt.subplots(figsize=(7, 4))
     for kind in kinds:
-        group = [a for a in agg if a["objective"] == kind and a["accuracy_mean"] is not None]
+        group = [a for a in agg if a["objective"] == kind and a["final_accuracy_mean"] is not None]
         x = [a["max_staleness"] for a in group]
-        ax.errorbar(x, [a["accuracy_mean"] for a in group],
-                    yerr=[[a["accuracy_mean"] - a["accuracy_min"] for a in group],
-                          [a["accuracy_max"] - a["accuracy_mean"] for a in group]], marker="o", capsize=3, label=kind)
+        mean = [a["final_accuracy_mean"] for a in group]
+        ax.errorbar(x, mean, yerr=[[m - a["final_accuracy_min"] for m, a in zip(mean, group, strict=True)],
+                                   [a["final_accuracy_max"] - m for m, a in zip(mean, group, strict=True)]],
+                    marker="o", capsize=3, label=kind)
     ax.set_xlabel("max_staleness η")
     ax.set_ylabel("final held-out accuracy (min/mean/max over seeds)")
     ax.legend()
@@ -393,7 +392,8 @@ def run(args) -> None:
                                                          out, args.smoke, command)
             if "findings" in suites:
                 summary["findings"] = suite_findings(stack, args.file, args.objectives, args.findings_budgets,
-                                                     args.seeds, args.findings_steps, out, args.smoke, command)
+                                                     args.seeds, args.findings_steps, args.findings_lr, out,
+                                                     args.smoke, command)
         finally:
             stack.close()
     path = out / "summary.json"  # suites run separately keep each other's results

@@ -43,7 +43,7 @@ class EngineService(ABC):
     def run(self) -> None:
         while not self.rt.stop.is_set():
             with phases.timed(phases.REDIS):
-                job = state.active_job(self.r)
+                job = state.active_job(self.r, known=self.job)
             if self.job is not None and (job is None or job.id != self.job.id):
                 self.unload()
             if job is None or job.id == self.failed_job or (self.job is None and not self.load(job)):

@@ -52,10 +52,14 @@ class ActiveJob:
     output_dir: str
 
 
-def active_job(r: redis.Redis) -> ActiveJob | None:
+def active_job(r: redis.Redis, known: ActiveJob | None = None) -> ActiveJob | None:
+    """The running job. `known` comes back as is while it is still the active one: one round trip, since the
+    coordinator sets ACTIVE only for a running job and clears it in the transaction that ends the job."""
     job_id = r.get(ACTIVE)
     if not job_id:
         return None
+    if known is not None and known.id == job_id:
+        return known
     record = r.hmget(job_key(job_id), "spec", "output_dir", "state")
     if not record[0] or record[2] != "running":
         return None
@@ -70,8 +74,8 @@ def policy_version(r: redis.Redis, job_id: str) -> int:
     return int(r.get(version_key(job_id)) or 0)
 
 
-def weights_path_key(job_id: str) -> str:
-    return f"asyncopd:job:{job_id}:weights"
+def head_path_key(job_id: str) -> str:
+    return f"asyncopd:job:{job_id}:head-path"
 
 
 def lineage_key(job_id: str) -> str:
@@ -88,21 +92,18 @@ def publish_version(r: redis.Redis, job_id: str, version: int, path: str, lineag
     the learner lineage that produced it (a restarted learner starts a new lineage from its checkpoint). A
     `version` event wakes the coordinator, whose admission control releases the batches it admits."""
     pipe = r.pipeline(transaction=True)
-    pipe.hset(weights_path_key(job_id), str(version), path)
+    pipe.set(head_path_key(job_id), path)
     pipe.set(version_key(job_id), version)
     pipe.set(lineage_key(job_id), lineage)
     _add_event(pipe, job_id, "version", "learner", version=version)
     pipe.execute()
 
 
-def policy_head(r: redis.Redis, job_id: str) -> tuple[int, int]:
-    """(lineage, version) of the newest published weights; (0, 0) before the first publish."""
-    version, lineage = r.mget(version_key(job_id), lineage_key(job_id))
-    return int(lineage or 0), int(version or 0)
-
-
-def weights_path(r: redis.Redis, job_id: str, version: int) -> str | None:
-    return r.hget(weights_path_key(job_id), str(version))
+def policy_head(r: redis.Redis, job_id: str) -> tuple[int, int, str | None]:
+    """(lineage, version, weights path) of the newest published weights, in one round trip; (0, 0, None)
+    before the first publish."""
+    version, lineage, path = r.mget(version_key(job_id), lineage_key(job_id), head_path_key(job_id))
+    return int(lineage or 0), int(version or 0), path
 
 
 def report_event(r: redis.Redis, job_id: str, kind: str, service: str, **fields: str) -> None:

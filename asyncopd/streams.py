@@ -251,9 +251,14 @@ class StreamConsumer:
         if ids:
             with phases.timed(phases.REDIS):
                 pipe = self.r.pipeline()
-                pipe.xack(self.stream, self.group, *ids)
-                pipe.xdel(self.stream, *ids)
+                self.ack_in(pipe, ids)
                 pipe.execute()
+
+    def ack_in(self, pipe, ids: list[str]) -> None:
+        """Queue the ack of `ids` on a caller's pipeline (to ack in the transaction that writes the results)."""
+        if ids:
+            pipe.xack(self.stream, self.group, *ids)
+            pipe.xdel(self.stream, *ids)
 
     def dead_letter(self, msg: Message, reason: str, entry: Entry | None = None) -> None:
         log.warning("dead-lettering %s %s: %s", self.stream, msg.id, reason)

@@ -94,7 +94,7 @@ class Learner:
 
     @phases.timed(phases.REDIS)
     def still_active(self, job: state.ActiveJob) -> bool:
-        current = state.active_job(self.r)
+        current = state.active_job(self.r, known=job)
         return current is not None and current.id == job.id and not self.rt.stop.is_set()
 
     def train(self, job: state.ActiveJob) -> None:

@@ -47,8 +47,7 @@ class RolloutWorker(EngineService):
         deadline = time.monotonic() + self.weight_wait_s
         while True:
             with phases.timed(phases.REDIS):
-                lineage, version = state.policy_head(self.r, self.job.id)
-                path = state.weights_path(self.r, self.job.id, version) if lineage else None
+                lineage, version, path = state.policy_head(self.r, self.job.id)
             if path and needs_reload((self.lineage, self.engine.version), (lineage, version), at_least,
                                      self.reload_lag):
                 t0 = time.perf_counter()
@@ -115,8 +114,8 @@ class RolloutWorker(EngineService):
                                 lineage=self.lineage, student_topk_ids=[t for row in c.topk_ids or [] for t in row],
                                 finish_reason=c.finish_reason, **mc)
                    for (entry, prompt_ids, i, c), mc in zip(samples, extras, strict=True)]
-        streams.write(self.r, streams.ROLLOUTS, out)
+        # The prompts are acked in the transaction that writes their rollouts: both happen or neither does.
+        streams.write(self.r, streams.ROLLOUTS, out,
+                      also=lambda pipe: self.consumer.ack_in(pipe, [m.id for m, _, _ in rendered]))
         metrics.TOKENS.inc(sum(len(c.token_ids) for *_, c in samples))
         metrics.SAMPLES.inc(len(samples))
-        # Ack only once the rollouts are in Redis: a crash in between regenerates, and sample ids dedupe later.
-        self.consumer.ack([m.id for m, _, _ in rendered])

@@ -62,6 +62,7 @@ class TeacherScorer(EngineService):
                                teacher_topk_logprobs=[v for row in s.topk_logprobs for v in row],
                                mc_teacher_logprobs=mc_logprobs)
                    for (_, entry), s, mc_logprobs in zip(work, scores, mc, strict=True)]
-        streams.write(self.r, streams.SCORED, out)
-        self.consumer.ack([m.id for m, _ in work])
+        # The rollouts are acked in the transaction that writes their scores: both happen or neither does.
+        streams.write(self.r, streams.SCORED, out,
+                      also=lambda pipe: self.consumer.ack_in(pipe, [m.id for m, _ in work]))
         SAMPLES.inc(len(work))

@@ -37,6 +37,7 @@ COUNTERS = {
     "asyncopd_rollout_samples_total",
     "asyncopd_teacher_samples_total",
     "asyncopd_dead_letter_entries_total",
+    "asyncopd_phase_seconds_total",
 }
 GAUGES = {
     "asyncopd_stream_pending_entries",

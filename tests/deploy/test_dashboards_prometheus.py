@@ -26,6 +26,7 @@ LABELS = {
     "asyncopd_stream_length_entries": {"stream": ["asyncopd:job:j1:prompts", "asyncopd:job:j1:rollouts"]},
     "asyncopd_dead_letter_entries_total": {"stream": ["asyncopd:job:j1:rollouts"]},
     "asyncopd_jobs": {"state": ["queued", "running", "succeeded", "failed", "cancelled"]},
+    "asyncopd_phase_seconds_total": {"phase": ["engine", "redis", "serialize", "idle"]},
 }
 
 

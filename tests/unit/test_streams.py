@@ -104,3 +104,15 @@ def test_reads_and_serialization_are_accounted_by_phase_and_waiting_is_idle(r):
     c.decode(c.read(10, 200), PromptEntry)
     assert seconds(REDIS) > before[REDIS] and seconds(SERIALIZE) > before[SERIALIZE]
     assert seconds(IDLE) - before[IDLE] < 0.3  # the second read found work at once
+
+
+def test_results_and_the_ack_of_their_inputs_commit_together(r):
+    prompts = StreamConsumer(r, streams.PROMPTS, "w1", reclaim_idle_ms=None)
+    streams.write(r, streams.PROMPTS, [prompt(i=0), prompt(i=1)])
+    held = prompts.read(10, 100)
+    assert r.xpending(streams.PROMPTS, "rollout")["pending"] == 2
+    out = [RolloutEntry(job_id="j1", batch=0, sample_id=f"b0-p{i}-s0", prompt_token_ids=[1], completion_token_ids=[2],
+                        behavior_logprobs=[-0.5], policy_version=0) for i in range(2)]
+    streams.write(r, streams.ROLLOUTS, out, also=lambda pipe: prompts.ack_in(pipe, [m.id for m in held]))
+    assert r.xpending(streams.PROMPTS, "rollout")["pending"] == 0 and r.xlen(streams.PROMPTS) == 0
+    assert r.xlen(streams.ROLLOUTS) == 2

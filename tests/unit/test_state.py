@@ -1,0 +1,30 @@
+"""Job state keys against a real redis-server: the active job, the policy head and its version events."""
+
+from asyncopd import state
+from asyncopd.jobspec import JobSpec
+
+
+def start(r, job_id: str) -> None:
+    spec = JobSpec.model_validate({"name": "t", "student": {"model": "/m/s"}, "teacher": {"model": "/m/t"},
+                                   "prompts": {"path": "/p.jsonl"}})
+    r.hset(state.job_key(job_id), mapping={"spec": spec.model_dump_json(), "output_dir": "/o", "state": "running"})
+    r.set(state.ACTIVE, job_id)
+
+
+def test_a_known_active_job_is_reused_until_it_stops_being_active(r):
+    start(r, "j1")
+    job = state.active_job(r)
+    assert job.id == "j1" and job.spec.name == "t"
+    assert state.active_job(r, known=job) is job
+    r.delete(state.ACTIVE)  # what the coordinator does in the transaction that ends the job
+    assert state.active_job(r, known=job) is None
+    start(r, "j2")
+    assert state.active_job(r, known=job).id == "j2"
+
+
+def test_publish_makes_the_head_visible_in_one_read_and_wakes_the_coordinator(r):
+    assert state.policy_head(r, "j1") == (0, 0, None)
+    state.publish_version(r, "j1", 3, "/w/v3", lineage=1)
+    assert state.policy_head(r, "j1") == (1, 3, "/w/v3") and state.policy_version(r, "j1") == 3
+    (_, fields), = r.xrange(state.EVENTS)
+    assert fields == {"job_id": "j1", "kind": "version", "service": "learner", "version": "3"}
