@@ -237,27 +237,48 @@ def test_config_maps_one_to_one_onto_asyncopd_env(rendered, scenario):
         assert "ASYNCOPD_REDIS_URL" in env
 
 
-@pytest.mark.parametrize("scenario", SCENARIOS)
-def test_asyncopd_env_names_are_settings_fields(rendered, scenario):
-    """A misspelt ASYNCOPD_ variable would be ignored silently (extra="ignore"): each must be a field."""
+def settings_classes() -> dict:
     from services.coordinator.settings import CoordinatorSettings
     from services.learner.settings import LearnerSettings
     from services.rollout.settings import RolloutSettings
     from services.teacher.settings import TeacherSettings
 
-    classes = {
-        "rollout": RolloutSettings,
-        "teacher": TeacherSettings,
-        "learner": LearnerSettings,
-        "coordinator": CoordinatorSettings,
-    }
-    for component, cls in classes.items():
+    return {"rollout": RolloutSettings, "teacher": TeacherSettings, "learner": LearnerSettings,
+            "coordinator": CoordinatorSettings}
+
+
+# Settings the chart deliberately does not set, and why.
+NOT_IN_CHART = {
+    "instance": "defaults to the pod's hostname-pid, unique per pod",
+    "synthetic_latency_s": "benchmark instrument (synthetic engine), never deployed",
+    "synthetic_step_s": "benchmark instrument (padded learner step), never deployed",
+    "k8s_api_url": "in a pod the service-account defaults are right",
+    "k8s_token_file": "in a pod the service-account defaults are right",
+    "k8s_ca_file": "in a pod the service-account defaults are right",
+    "log_dir": "logs of locally started rollout workers (the local pool backend only)",
+}
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_asyncopd_env_names_are_settings_fields(rendered, scenario):
+    """A misspelt ASYNCOPD_ variable would be ignored silently (extra="ignore"): each must be a field."""
+    for component, cls in settings_classes().items():
         fields = {f"ASYNCOPD_{name.upper()}" for name in cls.model_fields}
         names = {
             n for n in env_of(container(workload(rendered[scenario], component))) if n.startswith("ASYNCOPD_")
         }
         unknown = names - fields
         assert not unknown, f"{component} sets {sorted(unknown)}, which {cls.__name__} does not read"
+
+
+def test_every_setting_is_set_by_the_chart(rendered):
+    """The other direction: each settings field is an env var of its workload in some scenario (from `config`
+    or derived from chart-level values, such as the Redis password Secret), unless NOT_IN_CHART says why not."""
+    for component, cls in settings_classes().items():
+        env = set().union(*(env_of(container(workload(rendered[s], component))) for s in SCENARIOS))
+        missing = [name for name in cls.model_fields
+                   if f"ASYNCOPD_{name.upper()}" not in env and name not in NOT_IN_CHART]
+        assert not missing, f"{component}: {missing} have no Helm value"
 
 
 # -- GPUs -------------------------------------------------------------------------------------------------

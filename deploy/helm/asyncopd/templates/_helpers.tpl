@@ -135,6 +135,10 @@ redis://{{ include "asyncopd.redis.host" . }}:{{ .Values.redis.port }}/{{ .Value
   value: {{ .config.grpcReflection | quote }}
 - name: ASYNCOPD_LOG_LEVEL
   value: {{ .config.logLevel | quote }}
+- name: ASYNCOPD_POLL_INTERVAL_S
+  value: {{ .config.pollIntervalS | quote }}
+- name: ASYNCOPD_HEARTBEAT_TTL_S
+  value: {{ .config.heartbeatTtlS | quote }}
 - name: HF_HOME
   value: {{ $ctx.Values.models.hfHome | quote }}
 {{- if $ctx.Values.models.offline }}
