@@ -127,7 +127,8 @@ def heartbeat(r: redis.Redis, service: str, instance: str, ttl_s: float, **info)
 
 def live_services(r: redis.Redis, service: str | None = None) -> list[dict]:
     out = []
-    for key in r.scan_iter(match=service_key(service or "*", "*"), count=200):
+    # SCAN may return a key twice (while Redis rehashes), so the keys go through a set.
+    for key in set(r.scan_iter(match=service_key(service or "*", "*"), count=200)):
         h = r.hgetall(key)
         if not h:
             continue
