@@ -102,11 +102,11 @@ class RolloutWorker(EngineService):
             results = self.engine.generate([ids for _, _, ids in rendered], n=first.n, max_tokens=first.max_tokens,
                                            temperature=first.temperature, seeds=[e.seed for _, e, _ in rendered],
                                            top_k=top_k)
+            metrics.GENERATE_SECONDS.observe(time.perf_counter() - t0)
             samples = [(entry, prompt_ids, i, c)
                        for (_, entry, prompt_ids), completions in zip(rendered, results, strict=True)
                        for i, c in enumerate(completions)]
             extras = self.monte_carlo(samples, first.temperature)
-        metrics.GENERATE_SECONDS.observe(time.perf_counter() - t0)
         with phases.timed(phases.SERIALIZE):
             out = [RolloutEntry(job_id=entry.job_id, batch=entry.batch, sample_id=f"{entry.prompt_id}-s{i}",
                                 prompt_token_ids=prompt_ids, completion_token_ids=c.token_ids,
