@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from asyncopd.localstack import redis_binary
 from asyncopd.ports import free_port
+from asyncopd.tools.localstack import redis_binary
 
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -46,6 +46,6 @@ def r(redis_server):
 
 @pytest.fixture(scope="session")
 def tiny_models():
-    from asyncopd.tinymodels import QUICK, build_all
+    from asyncopd.ml.tinymodels import QUICK, build_all
 
     return build_all(ROOT / ".cache" / "models", QUICK, link=False)

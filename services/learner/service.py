@@ -193,7 +193,7 @@ class HeldoutEval:
     """Held-out accuracy and KL to the teacher of published versions, recorded in the job's results."""
 
     def __init__(self, r, job: state.ActiveJob) -> None:
-        from asyncopd.evaluate import Evaluator, read_rows
+        from asyncopd.ml.evaluate import Evaluator, read_rows
 
         spec = job.spec
         self.r, self.job = r, job

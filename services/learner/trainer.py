@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from asyncopd import weights
+from asyncopd.ml import weights
 from asyncopd.state import ActiveJob
 from asyncopd.streams import ScoredEntry
 from services.learner.objectives import (

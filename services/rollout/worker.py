@@ -10,7 +10,7 @@ import logging
 import time
 
 from asyncopd import phases, state, streams
-from asyncopd.engine_service import EngineService
+from asyncopd.ml.engine_service import EngineService
 from asyncopd.streams import PromptEntry, RolloutEntry
 from services.rollout import metrics
 from services.rollout.settings import RolloutSettings

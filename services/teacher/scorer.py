@@ -7,8 +7,8 @@ import time
 from prometheus_client import Counter, Histogram
 
 from asyncopd import phases, streams
-from asyncopd.engine_service import EngineService
-from asyncopd.engines import SequenceScores
+from asyncopd.ml.engine_service import EngineService
+from asyncopd.ml.engines import SequenceScores
 from asyncopd.streams import RolloutEntry, ScoredEntry
 from services.teacher.settings import TeacherSettings
 

@@ -6,7 +6,7 @@ import csv
 import pytest
 import yaml
 
-from asyncopd.cli import main
+from asyncopd.tools.cli import main
 from tests.helpers import tiny_job
 
 pytestmark = pytest.mark.slow

@@ -20,8 +20,9 @@ import pytest
 import redis
 import yaml
 
-from asyncopd import localstack, state
+from asyncopd import state
 from asyncopd.ports import free_port
+from asyncopd.tools import localstack
 from tests.deploy.chart_support import chartcheck
 from tests.helpers import submit, tiny_job, wait_job
 

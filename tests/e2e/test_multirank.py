@@ -2,8 +2,8 @@
 
 import pytest
 
-from asyncopd import localstack
 from asyncopd.ports import free_port
+from asyncopd.tools import localstack
 from tests.e2e.test_pipeline import check_accounting, steps_of
 from tests.helpers import submit, tiny_job, wait_job
 

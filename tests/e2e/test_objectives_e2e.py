@@ -18,8 +18,9 @@ import httpx
 import pytest
 import redis
 
-from asyncopd import localstack, state
+from asyncopd import state
 from asyncopd.ports import free_port
+from asyncopd.tools import localstack
 from tests.helpers import submit, tiny_job, wait_job
 
 pytestmark = pytest.mark.slow
@@ -81,7 +82,7 @@ class HeldOut:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from asyncopd.evaluate import read_rows
+        from asyncopd.ml.evaluate import read_rows
 
         self.torch = torch
         tok = AutoTokenizer.from_pretrained(models["student"])

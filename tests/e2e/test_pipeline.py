@@ -18,8 +18,9 @@ import pytest
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from asyncopd import localstack, state, streams
+from asyncopd import state, streams
 from asyncopd.ports import free_port
+from asyncopd.tools import localstack
 from tests.helpers import submit, tiny_job, wait_job
 
 pytestmark = pytest.mark.slow
@@ -77,7 +78,7 @@ def test_exported_student_loads_in_transformers_and_vllm(stack, tiny_models):
     assert job["state"] == "succeeded"
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from asyncopd.engines import build_engine
+    from asyncopd.ml.engines import build_engine
 
     out = job["result_dir"]
     tok = AutoTokenizer.from_pretrained(out)

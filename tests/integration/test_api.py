@@ -106,7 +106,7 @@ def test_missing_paths_fail_the_job_with_a_reason(api, tiny_models, patch, needl
 
 
 def test_different_tokenizers_fail_at_once(api, tiny_models, tmp_path):
-    from asyncopd.tinymodels import DEFAULT, build_tokenizer, new_model
+    from asyncopd.ml.tinymodels import DEFAULT, build_tokenizer, new_model
 
     other = tmp_path / "other"
     tok = build_tokenizer(tmp_path / "tok", vocab_size=300)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from asyncopd.engines import build_engine
+from asyncopd.ml.engines import build_engine
 
 KW = dict(device="cpu", dtype="float32", seed=0, max_model_len=128, kv_cache_bytes=32 << 20,
           gpu_memory_utilization=0.5)

@@ -27,8 +27,8 @@ import httpx
 import pytest
 
 from asyncopd.ports import free_port
-from services.coordinator.k8s_pool import KubernetesPool
 from services.coordinator.pools import PoolError
+from services.coordinator.pools.kubernetes import KubernetesPool
 from tests.helpers import ROOT
 
 NS, DEPLOY = "asyncopd", "asyncopd-rollout"

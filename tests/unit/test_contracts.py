@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_coordinator_and_cli_import_no_torch():
     code = ("import sys, services.coordinator.api, services.coordinator.runner, services.coordinator.pools, "
-            "services.coordinator.k8s_pool, asyncopd.cli, asyncopd.localstack; "
+            "services.coordinator.pools.kubernetes, asyncopd.tools.cli, asyncopd.tools.localstack; "
             "print(sorted(m for m in ('torch', 'transformers', 'vllm', 'deepspeed') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]"

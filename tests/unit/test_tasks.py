@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
+from asyncopd.ml.tinymodels import DEFAULT
 from asyncopd.tasks import arithmetic
-from asyncopd.tinymodels import DEFAULT
 
 ROOT = Path(__file__).resolve().parents[2]
 

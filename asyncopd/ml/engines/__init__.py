@@ -2,25 +2,25 @@
 
 from __future__ import annotations
 
-from asyncopd.engines.base import Completion, Engine, SequenceScores
+from asyncopd.ml.engines.base import Completion, Engine, SequenceScores
 
 
 def build_engine(kind: str, model: str, *, device: str, dtype: str, seed: int, max_model_len: int,
                  kv_cache_bytes: int, gpu_memory_utilization: float, synthetic_latency_s: float = 0.0) -> Engine:
     if kind == "vllm":
-        from asyncopd.engines.vllm_engine import VLLMEngine
+        from asyncopd.ml.engines.vllm_engine import VLLMEngine
 
         return VLLMEngine(model, device=device, dtype=dtype, seed=seed, max_model_len=max_model_len,
                           kv_cache_bytes=kv_cache_bytes, gpu_memory_utilization=gpu_memory_utilization)
     if kind == "hf":
-        from asyncopd.engines.hf_engine import HFEngine
+        from asyncopd.ml.engines.hf_engine import HFEngine
 
         return HFEngine(model, device=device, dtype=dtype)  # sampling is seeded per request
     if kind == "synthetic":
         import json
         from pathlib import Path
 
-        from asyncopd.engines.synthetic import SyntheticEngine
+        from asyncopd.ml.engines.synthetic import SyntheticEngine
 
         vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
         return SyntheticEngine(vocab, synthetic_latency_s, seed)

@@ -20,7 +20,7 @@ def api_url(args) -> str:
         return args.api
     if os.environ.get("ASYNCOPD_API_URL"):
         return os.environ["ASYNCOPD_API_URL"]
-    from asyncopd import localstack
+    from asyncopd.tools import localstack
 
     info = localstack.load(args.run_dir)
     return info["api_url"] if info else "http://127.0.0.1:8000"
@@ -67,7 +67,7 @@ def read_job_file(path: Path) -> dict:
 
 
 def cmd_up(args) -> None:
-    from asyncopd import localstack
+    from asyncopd.tools import localstack
 
     info = localstack.up(args.run_dir, http_port=args.http_port, engine=args.engine, rollouts=args.rollouts,
                          learner_ranks=args.learner_ranks)
@@ -83,7 +83,7 @@ def cmd_up(args) -> None:
 
 
 def cmd_down(args) -> None:
-    from asyncopd import localstack
+    from asyncopd.tools import localstack
 
     localstack.down(args.run_dir)
     print("asyncopd is down")
@@ -179,7 +179,7 @@ def print_summary(job: dict, steps: list[dict], evaluation: dict | None = None) 
 
 
 def cmd_models(args) -> None:
-    from asyncopd.tinymodels import build_all
+    from asyncopd.ml.tinymodels import build_all
 
     for name, path in build_all(args.out).items():
         print(f"{name}: {path}")
@@ -187,9 +187,9 @@ def cmd_models(args) -> None:
 
 def cmd_demo(args) -> None:
     """`make run`: build the tiny models if missing, start the stack, run the example job, stop the stack."""
-    from asyncopd import localstack
-    from asyncopd.evaluate import heldout_report
-    from asyncopd.tinymodels import build_all
+    from asyncopd.ml.evaluate import heldout_report
+    from asyncopd.ml.tinymodels import build_all
+    from asyncopd.tools import localstack
 
     t0 = time.time()
     build_all(Path(".cache/models"))
@@ -215,7 +215,7 @@ def cmd_demo(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from asyncopd.evaluate import Evaluator, read_rows
+    from asyncopd.ml.evaluate import Evaluator, read_rows
 
     ev = Evaluator(str(args.teacher), read_rows(args.prompts, args.limit), max_tokens=args.max_tokens)
     result = ev.evaluate(str(args.model))
@@ -224,7 +224,7 @@ def cmd_eval(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    from asyncopd.bench import run
+    from asyncopd.tools.bench import run
 
     args.argv = sys.argv[2:]
     run(args)

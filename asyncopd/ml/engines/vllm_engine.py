@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 
-from asyncopd.engines.base import Completion, Engine, SequenceScores
+from asyncopd.ml.engines.base import Completion, Engine, SequenceScores
 
 
 class VLLMEngine(Engine):

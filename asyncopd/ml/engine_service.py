@@ -8,7 +8,7 @@ import threading
 from abc import ABC, abstractmethod
 
 from asyncopd import phases, state, streams
-from asyncopd.engines import Engine, build_engine
+from asyncopd.ml.engines import Engine, build_engine
 from asyncopd.runtime import ServiceRuntime
 from asyncopd.settings import EngineSettings
 

@@ -8,7 +8,7 @@ import math
 import random
 import time
 
-from asyncopd.engines.base import Completion, Engine, SequenceScores
+from asyncopd.ml.engines.base import Completion, Engine, SequenceScores
 
 
 class SyntheticEngine(Engine):

@@ -1,7 +1,4 @@
-"""The rollout pool behind `PUT /v1/pools/rollout`: one interface, a local-process backend here and a
-Kubernetes Deployment backend in a cluster. Removing a worker is always a SIGTERM: it finishes and acks the
-prompts it holds before exiting, so shrinking the pool loses nothing (a SIGKILLed worker's prompts are
-reclaimed by the others after `reclaim_idle_ms`)."""
+"""Rollout workers as child processes of the coordinator (`asyncopd up`)."""
 
 from __future__ import annotations
 
@@ -10,29 +7,11 @@ import os
 import subprocess
 import sys
 import threading
-from abc import ABC, abstractmethod
 from pathlib import Path
 
+from services.coordinator.pools.base import RolloutPool
+
 log = logging.getLogger(__name__)
-
-
-class PoolError(RuntimeError):
-    """Scaling failed in the backend; `status_code` is what the REST API answers."""
-
-    def __init__(self, status_code: int, message: str) -> None:
-        super().__init__(message)
-        self.status_code = status_code
-
-
-class RolloutPool(ABC):
-    @abstractmethod
-    def desired(self) -> int: ...
-
-    @abstractmethod
-    def scale(self, replicas: int) -> int: ...
-
-    def close(self) -> None:
-        """Stop what this pool started."""
 
 
 class LocalPool(RolloutPool):
@@ -79,11 +58,3 @@ class LocalPool(RolloutPool):
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 proc.kill()
-
-
-def build_pool(settings) -> RolloutPool:
-    if settings.pool_backend == "kubernetes":
-        from services.coordinator.k8s_pool import KubernetesPool
-
-        return KubernetesPool(settings.k8s_namespace, settings.k8s_rollout_deployment, settings=settings)
-    return LocalPool(settings.rollout_replicas, settings.log_dir)

@@ -19,8 +19,9 @@ from pathlib import Path
 import httpx
 import yaml
 
-from asyncopd import localstack, state
+from asyncopd import state
 from asyncopd.ports import free_port
+from asyncopd.tools import localstack
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 
@@ -70,7 +71,7 @@ class Stack:
 
 
 def base_spec(job_file: Path, **overrides) -> dict:
-    from asyncopd.cli import absolutize
+    from asyncopd.tools.cli import absolutize
 
     spec = absolutize(yaml.safe_load(job_file.read_text()), Path.cwd())
     for key, value in overrides.items():

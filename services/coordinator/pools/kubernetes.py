@@ -25,7 +25,7 @@ from pathlib import Path
 
 import httpx
 
-from services.coordinator.pools import PoolError, RolloutPool
+from services.coordinator.pools.base import PoolError, RolloutPool
 
 SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 MERGE_PATCH = "application/merge-patch+json"

@@ -6,8 +6,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from asyncopd.engines.base import Completion, Engine, SequenceScores
-from asyncopd.weights import safetensors_files
+from asyncopd.ml.engines.base import Completion, Engine, SequenceScores
+from asyncopd.ml.weights import safetensors_files
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

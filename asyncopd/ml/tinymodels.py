@@ -4,7 +4,7 @@ The teacher is trained to high held-out accuracy, the student (smaller, trained 
 lower one, so distillation has a real gap to close. Both share one byte-level tokenizer (one token per
 character: digits are never merged, which keeps addition learnable at this size). Shapes respect vLLM's CPU
 attention (head_dim 32/64/...). Everything is deterministic from the recipe below and cached under
-`.cache/models/<recipe-hash>/`; `python -m asyncopd.tinymodels OUT_DIR` (or `asyncopd models`) builds them.
+`.cache/models/<recipe-hash>/`; `python -m asyncopd.ml.tinymodels OUT_DIR` (or `asyncopd models`) builds them.
 """
 
 from __future__ import annotations

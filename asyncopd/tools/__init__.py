@@ -1,0 +1,1 @@
+"""Developer and operator tooling: the `asyncopd` command, the local stack, the benchmark harness."""
