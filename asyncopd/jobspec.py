@@ -3,14 +3,18 @@
 Validation here is the one place a job spec is judged; the REST API turns its errors into 422s naming the
 field. Checks that need the filesystem (model paths, tokenizers, prompt files) run in `preflight` when the
 job starts, so a job naming a path that does not exist fails with a reason instead of being refused.
+
+Every number is bounded and finite (`allow_inf_nan=False`, and `_finite` for the objective's fields): a spec
+is stored as JSON, where `Infinity` would come back as `null` and make the stored job unreadable.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
 from asyncopd.objective_spec import ObjectiveSpec
 
@@ -21,8 +25,12 @@ def _default_objective():
     return _objective_adapter.validate_python({"kind": "forward_kl_topk"})
 
 
+JOB_NAME_PATTERN = r"^[A-Za-z0-9._-]+$"
+MAX_STEPS = 10_000_000
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ModelRef(_Strict):
@@ -30,9 +38,36 @@ class ModelRef(_Strict):
 
 
 class Prompts(_Strict):
-    path: str = Field(min_length=1, description="JSONL file; each line has `prompt` (text) or `messages` (chat).")
-    heldout_path: str | None = Field(None, description="Optional held-out JSONL for the before/after check.")
-    heldout_limit: int = Field(16, ge=1, le=10_000, description="Held-out prompts used per check.")
+    """Where prompts (and held-out rows with answers) come from; read by `asyncopd.prompts`."""
+
+    path: str = Field(min_length=1, description="A JSONL file, a local dataset file (.parquet, .arrow, .json, "
+                      ".jsonl, .csv) or directory `datasets` reads, or a hub dataset id (where there is network).")
+    config: str | None = Field(None, max_length=128, description="Configuration of a hub dataset (gsm8k: main).")
+    split: str = Field("train", min_length=1, max_length=128, description="Split of a dataset source.")
+    prompt_field: str = Field("prompt", min_length=1, max_length=128, description="Column with the prompt text.")
+    messages_field: str = Field("messages", min_length=1, max_length=128,
+                                description="Column with chat messages, used when a row has no prompt text; "
+                                "rendered with the student's chat template.")
+    answer_field: str | None = Field("answer", max_length=128, description="Column with the answer held-out "
+                                     "evaluation compares with; rows without it are evaluated by KL only.")
+    as_chat: bool = Field(False, description="Send text prompts as one user message through the chat template "
+                          "(instruction-tuned models).")
+    heldout_path: str | None = Field(None, description="Held-out rows from another source.")
+    heldout_split: str | None = Field(None, max_length=128, description="Held-out rows from this split of "
+                                      "`path` (or of `heldout_path`).")
+    heldout_size: int | None = Field(None, ge=1, le=1_000_000, description="Hold out the last N rows of the "
+                                     "training split (never trained on).")
+    heldout_limit: int = Field(16, ge=1, le=10_000, description="Held-out rows used per evaluation.")
+
+    @model_validator(mode="after")
+    def _one_heldout_source(self) -> Prompts:
+        if self.heldout_size and (self.heldout_path or self.heldout_split):
+            raise ValueError("prompts.heldout_size holds out rows of `path`; it cannot be combined with "
+                             "heldout_path or heldout_split")
+        return self
+
+    def has_heldout(self) -> bool:
+        return bool(self.heldout_path or self.heldout_split or self.heldout_size)
 
 
 class Generation(_Strict):
@@ -49,23 +84,42 @@ class Train(_Strict):
     steps: int = Field(20, ge=1, le=10_000_000, description="Optimizer steps (= published policy versions).")
     prompts_per_step: int = Field(8, ge=1, le=65_536, description="Prompts per step; samples = this x n.")
     learning_rate: float = Field(1e-4, gt=0, le=1.0)
-    warmup_steps: int = Field(10, ge=0, description="Linear learning-rate warmup; Adam's first steps move every "
-                              "weight by ~lr whatever the gradient, which wrecks a converged student without it.")
+    warmup_steps: int = Field(10, ge=0, le=MAX_STEPS, description="Linear learning-rate warmup; Adam's first "
+                              "steps move every weight by ~lr whatever the gradient, which wrecks a converged "
+                              "student without it.")
     weight_decay: float = Field(0.0, ge=0, le=1.0)
-    grad_clip: float = Field(1.0, gt=0)
-    checkpoint_every: int = Field(10, ge=1, description="DeepSpeed checkpoint every N steps (for resume).")
-    seed: int = Field(0, ge=0)
+    grad_clip: float = Field(1.0, gt=0, le=1e6)
+    checkpoint_every: int = Field(10, ge=1, le=MAX_STEPS, description="DeepSpeed checkpoint every N steps "
+                                  "(for resume).")
+    seed: int = Field(0, ge=0, le=2**32 - 1)
 
 
 class Eval(_Strict):
-    every: int = Field(0, ge=0, description="Evaluate the published student on prompts.heldout_path every N steps "
-                       "(and before the first and after the last); 0 = never.")
+    every: int = Field(0, ge=0, le=MAX_STEPS, description="Evaluate the published student on the held-out rows "
+                       "every N steps (and before the first and after the last); 0 = never.")
     kl: bool = Field(True, description="Also measure the exact KL to the teacher, which loads the teacher in the "
                      "learner (fine for small teachers; turn off for large ones).")
+    task: str = Field("exact_match", min_length=1, max_length=128, description="How answers are judged: "
+                      "exact_match, arithmetic, or a judge an installed package registers (entry points "
+                      "`asyncopd.tasks`).")
+    extract: str = Field("first_word", min_length=1, max_length=512, description="The answer in a completion "
+                         "(exact_match): first_word, last_number, gsm8k (`#### 42`), boxed (`\\boxed{42}`) or "
+                         "regex:<pattern>.")
+    max_tokens: int | None = Field(None, ge=1, le=32_768, description="Completion length of evaluation "
+                                   "(default: generation.max_tokens).")
+    samples: int = Field(8, ge=0, le=1000, description="Held-out completions (prompt, student answer, teacher "
+                         "answer, judged) kept per evaluation in <output_dir>/evals/.")
+
+    @model_validator(mode="after")
+    def _judge_exists(self) -> Eval:
+        from asyncopd.tasks import judge
+
+        judge(self.task, self.extract)  # ValueError names the field
+        return self
 
 
 class JobSpec(_Strict):
-    name: str = Field("job", min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")
+    name: str = Field("job", min_length=1, max_length=128, pattern=JOB_NAME_PATTERN)
     student: ModelRef
     teacher: ModelRef
     prompts: Prompts
@@ -77,16 +131,39 @@ class JobSpec(_Strict):
     scoring: Scoring = Field(default_factory=Scoring)
     train: Train = Field(default_factory=Train)
     eval: Eval = Field(default_factory=Eval)
-    output_dir: str | None = Field(None, description="Where the distilled student goes; default data_dir/jobs/<id>.")
+    output_dir: str | None = Field(None, min_length=1, max_length=4096, description="Where the distilled "
+                                   "student, step records and checkpoints go: a new or empty directory under "
+                                   "the coordinator's output roots (default <data_dir>/jobs; a relative path is "
+                                   "taken under it); default <data_dir>/jobs/<id>.")
+    max_lost_fraction: float = Field(0.1, ge=0, le=1, description="The job fails (instead of succeeding) when "
+                                     "more than this share of its released samples was dead-lettered; a job "
+                                     "that trained no sample always fails.")
+
+    @field_validator("objective")
+    @classmethod
+    def _finite(cls, objective):
+        """No infinite or NaN number in the objective either (its models live in objective_spec)."""
+        for path, value in _numbers(objective.model_dump()):
+            if not math.isfinite(value):
+                raise ValueError(f"{path} must be a finite number, not {value}")
+        return objective
 
     @model_validator(mode="after")
     def _eval_has_prompts(self) -> JobSpec:
-        if self.eval.every and not self.prompts.heldout_path:
-            raise ValueError("eval.every needs prompts.heldout_path (the held-out prompts to evaluate on)")
+        if self.eval.every and not self.prompts.has_heldout():
+            raise ValueError("eval.every needs held-out rows: prompts.heldout_path, heldout_split or heldout_size")
         return self
 
     def samples_per_step(self) -> int:
         return self.train.prompts_per_step * self.generation.n
+
+
+def _numbers(value, path: str = ""):
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _numbers(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(value, float):
+        yield path, value
 
 
 def output_dir_for(spec: JobSpec, job_id: str, data_dir: Path) -> Path:

@@ -9,8 +9,9 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field
+from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -23,14 +24,27 @@ class ServiceSettings(BaseSettings):
 
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis holding streams and job state.")
     redis_password: str | None = Field(None, description="Overrides the URL's password (from a Secret).")
+    grpc_host: str = Field("127.0.0.1", description="gRPC bind address: loopback unless deployed (the chart sets "
+                           "0.0.0.0 and a NetworkPolicy).")
     grpc_port: int = Field(0, ge=0, le=65535, description="gRPC control port; 0 picks a free port.")
+    grpc_token: str | None = Field(None, description="If set, gRPC calls that change state (Drain) need the metadata "
+                                   "`authorization: Bearer <token>`; GetStatus and health stay open.")
     grpc_reflection: bool = Field(False, description="Serve gRPC server reflection.")
+    metrics_host: str = Field("127.0.0.1", description="Prometheus /metrics bind address: loopback unless deployed "
+                              "(the chart sets 0.0.0.0).")
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics port; 0 picks a free port.")
     log_level: str = Field("INFO", description="Python logging level.")
+    log_format: str = Field("text", pattern="^(text|json)$",
+                            description="Log lines as text (for people) or JSON objects (for a log pipeline); "
+                            "both carry service, instance, job and step (asyncopd.logs).")
     instance: str = Field(default_factory=default_instance, description="Unique name of this process.")
+    pod_ip: str = Field("", description="Address the control CLI reaches this process at, advertised in its "
+                        "heartbeat (the chart sets the pod IP); empty: the hostname.")
     data_dir: Path = Field(Path(".run/data"), description="Shared volume: weights, checkpoints, job outputs.")
     poll_interval_s: float = Field(0.5, gt=0, description="How often idle services look for a new job.")
     heartbeat_ttl_s: float = Field(10.0, gt=0, description="A service missing heartbeats this long is gone.")
+    redis_outage_s: float = Field(60.0, ge=0, description="How long the service rides out an unreachable Redis "
+                                  "(a restart, a failover), retrying with backoff, before a call fails.")
 
 
 class EngineSettings(ServiceSettings):
@@ -46,3 +60,13 @@ class EngineSettings(ServiceSettings):
     max_model_len: int = Field(1024, gt=0, description="Longest prompt + completion the engine accepts.")
     reclaim_idle_ms: int = Field(60_000, gt=0, description="Reclaim entries a dead consumer held this long.")
     max_deliveries: int = Field(3, ge=1, description="Dead-letter an entry after this many deliveries.")
+
+
+class WeightsTransportSettings(BaseModel):
+    """Mixed into the settings of the learner (which publishes weight versions) and of the rollout workers
+    (which follow them): both must name the same transport (asyncopd.ml.weights.transports)."""
+
+    weights_transport: Literal["filesystem", "delta"] = Field(
+        "filesystem", description="How policy versions reach rollout workers: filesystem (a full HF directory per "
+        "version on the shared volume) or delta (XOR deltas against the last full version, zstd, per-tensor "
+        "checksums; the learner's weights_full_every sets how often a full version is written).")

@@ -6,13 +6,17 @@ events (failure, completion) and heartbeat. Keys are listed here and nowhere els
 
 from __future__ import annotations
 
-import json
-import time
+import logging
 from dataclasses import dataclass
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from asyncopd.jobspec import JobSpec
+from asyncopd.records import Heartbeat, JobEvent, VersionEvent, event_fields
+
+log = logging.getLogger(__name__)
 
 ACTIVE = "asyncopd:active"
 EVENTS = "asyncopd:events"
@@ -36,12 +40,28 @@ def evals_key(job_id: str) -> str:
     return f"asyncopd:job:{job_id}:evals"
 
 
+def progress_key(job_id: str) -> str:
+    """The job's running totals (`records.Progress`), written with each step record."""
+    return f"asyncopd:job:{job_id}:progress"
+
+
 def service_key(service: str, instance: str) -> str:
     return f"asyncopd:svc:{service}:{instance}"
 
 
-def connect(url: str, password: str | None = None) -> redis.Redis:
-    kwargs = {"password": password} if password else {}
+def connect(url: str, password: str | None = None, outage_s: float = 0.0) -> redis.Redis:
+    """A client; with `outage_s`, each command rides out that long an unreachable Redis (a restart, a failover),
+    retrying with exponential backoff (50 ms doubling to 2 s), before it raises. Services set it; the CLI and
+    tools do not (they should say at once that Redis is not there)."""
+    kwargs: dict = {"password": password} if password else {}
+    if outage_s > 0:
+        backoff = ExponentialBackoff(cap=2.0, base=0.05)
+        retries, waited = 0, 0.0
+        while waited < outage_s:
+            retries += 1
+            waited += min(2.0, 0.05 * 2**retries)
+        kwargs.update(retry=Retry(backoff, retries), retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+                      socket_connect_timeout=2, socket_keepalive=True, health_check_interval=15)
     return redis.Redis.from_url(url, decode_responses=True, **kwargs)
 
 
@@ -95,7 +115,7 @@ def publish_version(r: redis.Redis, job_id: str, version: int, path: str, lineag
     pipe.set(head_path_key(job_id), path)
     pipe.set(version_key(job_id), version)
     pipe.set(lineage_key(job_id), lineage)
-    _add_event(pipe, job_id, "version", "learner", version=version)
+    add_event(pipe, VersionEvent(job_id=job_id, service="learner", version=version))
     pipe.execute()
 
 
@@ -106,31 +126,30 @@ def policy_head(r: redis.Redis, job_id: str) -> tuple[int, int, str | None]:
     return int(lineage or 0), int(version or 0), path
 
 
-def report_event(r: redis.Redis, job_id: str, kind: str, service: str, **fields: str) -> None:
-    """`kind` is `failed` (with `reason`) or `completed` (with `result_dir`); the coordinator acts on them."""
-    _add_event(r, job_id, kind, service, **fields)
+def add_event(r, event: JobEvent) -> None:
+    """Report a job event (`records.JobEvent`); the coordinator acts on `failed` and `completed`. `r` may be a
+    pipeline, so the event lands in the transaction that made it true."""
+    r.xadd(EVENTS, event_fields(event), maxlen=10_000, approximate=True)
 
 
-def _add_event(r, job_id: str, kind: str, service: str, **fields) -> None:
-    r.xadd(EVENTS, {"job_id": job_id, "kind": kind, "service": service, **{k: str(v) for k, v in fields.items()}},
-           maxlen=10_000, approximate=True)
-
-
-def heartbeat(r: redis.Redis, service: str, instance: str, ttl_s: float, **info) -> None:
-    key = service_key(service, instance)
+def heartbeat(r: redis.Redis, beat: Heartbeat, ttl_s: float) -> None:
+    """Register (or refresh) a live instance; it disappears `ttl_s` after its last beat."""
+    key = service_key(beat.service, beat.instance)
     pipe = r.pipeline()
-    pipe.hset(key, mapping={"service": service, "instance": instance, "seen": time.time(),
-                            **{k: json.dumps(v) for k, v in info.items()}})
+    pipe.hset(key, mapping=beat.to_hash())
     pipe.pexpire(key, int(ttl_s * 1000))
     pipe.execute()
 
 
-def live_services(r: redis.Redis, service: str | None = None) -> list[dict]:
+def live_services(r: redis.Redis, service: str | None = None) -> list[Heartbeat]:
     out = []
     # SCAN may return a key twice (while Redis rehashes), so the keys go through a set.
     for key in set(r.scan_iter(match=service_key(service or "*", "*"), count=200)):
         h = r.hgetall(key)
         if not h:
             continue
-        out.append({k: (v if k in ("service", "instance") else json.loads(v)) for k, v in h.items()})
-    return sorted(out, key=lambda s: (s["service"], s["instance"]))
+        try:
+            out.append(Heartbeat.from_hash(h))
+        except ValueError as exc:  # a heartbeat of another release: not ours to read, not fatal
+            log.warning("ignoring heartbeat %s: %s", key, exc)
+    return sorted(out, key=lambda s: (s.service, s.instance))

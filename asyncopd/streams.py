@@ -147,17 +147,28 @@ class RolloutEntry(Entry):
 
 
 class ScoredEntry(RolloutEntry):
-    """Teacher → learner: the rollout plus the teacher's cache: sampled-token log-prob and top-K per position."""
+    """Teacher → learner: the rollout plus the teacher's cache: sampled-token log-prob and, per position, the
+    log-probs of K support ids — the teacher's own top-K, or the student's top-K (`student_topk_ids`) for
+    reverse_kl_topk with support "student" — and, for forward_kl_mc, tokens the teacher drew from its own
+    distribution with their log-probs."""
 
     SCHEMA = "asyncopd.scored"
-    INT_ARRAYS = RolloutEntry.INT_ARRAYS + ("teacher_topk_ids",)
-    FLOAT_ARRAYS = RolloutEntry.FLOAT_ARRAYS + ("teacher_sampled_logprobs", "teacher_topk_logprobs",
-                                                "mc_teacher_logprobs")
+    # 2: teacher_topk_* renamed support_ids / teacher_support_logprobs (they may be the student's)
+    # 3: teacher_samples, teacher_sample_ids, teacher_sample_logprobs (forward_kl_mc)
+    VERSION = 3
+    INT_ARRAYS = RolloutEntry.INT_ARRAYS + ("support_ids", "teacher_sample_ids")
+    FLOAT_ARRAYS = RolloutEntry.FLOAT_ARRAYS + ("teacher_sampled_logprobs", "teacher_support_logprobs",
+                                                "mc_teacher_logprobs", "teacher_sample_logprobs")
     top_k: int
     teacher_sampled_logprobs: list[float]
-    teacher_topk_ids: list[int]  # [L * top_k], row-major
-    teacher_topk_logprobs: list[float]
+    support_ids: list[int]  # [L * top_k], row-major: the ids the teacher scored
+    teacher_support_logprobs: list[float]
     mc_teacher_logprobs: list[float] = []  # [L * mc_samples]: the teacher's log-prob of each mc token
+    # forward_kl_mc only: per position, teacher_samples tokens drawn from the teacher at temperature 1
+    # ([L * teacher_samples], row-major) and their teacher log-probs; empty otherwise.
+    teacher_samples: int = 0
+    teacher_sample_ids: list[int] = []
+    teacher_sample_logprobs: list[float] = []
 
 
 def write(r: redis.Redis, stream: str, entries: list[Entry], also=None) -> None:
@@ -204,24 +215,26 @@ class StreamConsumer:
         self.max_deliveries = max_deliveries
         self.reclaim_idle_ms = reclaim_idle_ms
         self._replay_own = True
+        self._replay_cursor = "-"  # where the replay of own pending entries has got to
         self._next_reclaim = 0.0
         ensure_group(r, stream)
 
     def replay_pending(self) -> None:
         """Make the next reads return this consumer's unacked entries again (held back, not failed)."""
-        self._replay_own = True
+        self._replay_own, self._replay_cursor = True, "-"
 
     def read(self, count: int, block_ms: int) -> list[Message]:
         with phases.timed(phases.REDIS):
             if self._replay_own:
-                own = self._xreadgroup("0", count, None)
+                own = self._own_pending(count)
                 if own:
-                    return self._with_deliveries(own)
+                    return own
                 self._replay_own = False
-            # An entry becomes claimable only after reclaim_idle_ms, so looking ten times per period is enough.
             if self.reclaim_idle_ms is not None and time.monotonic() >= self._next_reclaim:
-                self._next_reclaim = time.monotonic() + self.reclaim_idle_ms / 10_000
-                claimed = self._autoclaim(count)
+                # Entries of consumers known dead (heartbeat gone) at once; of hung ones after reclaim_idle_ms,
+                # so looking ten times per period (at least every second) is enough.
+                self._next_reclaim = time.monotonic() + min(1.0, self.reclaim_idle_ms / 10_000)
+                claimed = self._claim_from_dead(count) or self._autoclaim(count)
                 if claimed:
                     return self._with_deliveries(claimed)
             fresh = self._xreadgroup(">", count, None)
@@ -271,12 +284,62 @@ class StreamConsumer:
         pipe.execute()
         DEAD_LETTERS.labels(self.stream).inc()
 
+    def _own_pending(self, count: int) -> list[Message]:
+        """This consumer's unacked entries from the oldest, `count` at a time, read with XRANGE so that reading
+        them again is not a delivery: only XREADGROUP `>` and reclaims deliver. A replay after a restart, or
+        after holding entries back, must not push buffered entries towards the dead-letter stream. A pending
+        id whose entry is gone (deleted by hand) is acked, so it stops being pending."""
+        ids, after = [], self._replay_cursor
+        pending = self.r.xpending_range(self.stream, self.group, min=after, max="+", count=count,
+                                        consumername=self.consumer)
+        if not pending:
+            self._replay_cursor = "-"
+            return []
+        pipe = self.r.pipeline(transaction=False)
+        for p in pending:
+            pipe.xrange(self.stream, min=p["message_id"], max=p["message_id"])
+        out, gone = [], []
+        for p, found in zip(pending, pipe.execute(), strict=True):
+            ids.append(p["message_id"])
+            if found:
+                out.append(Message(p["message_id"], found[0][1], p["times_delivered"]))
+            else:
+                gone.append(p["message_id"])
+        if gone:
+            self.r.xack(self.stream, self.group, *gone)
+        self._replay_cursor = "(" + ids[-1]  # exclusive: the next page starts after the last one read
+        return out or self._own_pending(count)
+
     def _xreadgroup(self, start: str, count: int, block_ms: int | None) -> list[tuple[str, dict]]:
         reply = self.r.xreadgroup(self.group, self.consumer, {self.stream: start}, count=count, block=block_ms)
         if not reply:
             return []
         # Own-history reads return deleted entries as (id, None); nothing left to process for those.
         return [(i, f) for i, f in reply[0][1] if f]
+
+    def _claim_from_dead(self, count: int) -> list[tuple[str, dict]]:
+        """Claim the pending entries of consumers whose service heartbeat is gone (a killed worker: its
+        registry key expired or was removed), without waiting for reclaim_idle_ms; forget dead consumers that
+        hold nothing. Consumer names are instance names, registered under the group's service."""
+        from asyncopd.state import service_key
+
+        out: list[tuple[str, dict]] = []
+        for c in self.r.xinfo_consumers(self.stream, self.group):
+            name = c["name"]
+            if name == self.consumer or self.r.exists(service_key(self.group, name)):
+                continue
+            if not c["pending"]:
+                self.r.xgroup_delconsumer(self.stream, self.group, name)
+                continue
+            ids = [p["message_id"] for p in self.r.xpending_range(self.stream, self.group, "-", "+",
+                                                                   count - len(out), consumername=name)]
+            claimed = self.r.xclaim(self.stream, self.group, self.consumer, 0, ids) if ids else []
+            out += [(i, f) for i, f in claimed if f]
+            if len(out) >= count:
+                break
+        if out:
+            log.info("claimed %d %s entries of consumers whose heartbeat is gone", len(out), self.stream)
+        return out
 
     def _autoclaim(self, count: int) -> list[tuple[str, dict]]:
         reply = self.r.xautoclaim(

@@ -5,7 +5,7 @@
 
 `--path head` (default): the loss head alone on given hidden states [seq, hidden] and lm_head weight.
 `--path trainer`: what the learner runs per step: the DeepSpeed engine (ZeRO-0, the learner's config) around
-`services.learner.trainer.StudentLoss` on a random Llama student (vocab x hidden, `--layers` decoder layers),
+`services.learner.student_loss.StudentLoss` on a random Llama student (vocab x hidden, `--layers` decoder layers),
 one sample of `--seq` tokens (16 prompt + the rest completion, built by the learner's own `token_batch`),
 engine forward + engine.backward; the optimizer step is not timed.
 
@@ -113,9 +113,11 @@ def run_trainer_variant(args: argparse.Namespace) -> dict[str, object]:
 
     from asyncopd.objective_spec import parse_objective
     from asyncopd.streams import ScoredEntry
+    from services.learner.collate import token_batch
+    from services.learner.distributed import init_distributed
     from services.learner.objectives import build_objective
     from services.learner.settings import LearnerSettings
-    from services.learner.trainer import StudentLoss, init_distributed, token_batch
+    from services.learner.student_loss import StudentLoss
 
     torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -144,8 +146,8 @@ def run_trainer_variant(args: argparse.Namespace) -> dict[str, object]:
                            prompt_token_ids=[rng.randrange(args.vocab) for _ in range(prompt)],
                            completion_token_ids=[row[0] for row in ids], behavior_logprobs=[lp[0] for lp in lps],
                            teacher_sampled_logprobs=[lp[0] for lp in lps],
-                           teacher_topk_ids=[i for row in ids for i in row],
-                           teacher_topk_logprobs=[v for row in lps for v in row])
+                           support_ids=[i for row in ids for i in row],
+                           teacher_support_logprobs=[v for row in lps for v in row])
 
     objective = build_objective(parse_objective({"kind": args.objective}))
 

@@ -49,3 +49,19 @@ def tiny_models():
     from asyncopd.ml.tinymodels import QUICK, build_all
 
     return build_all(ROOT / ".cache" / "models", QUICK, link=False)
+
+
+@pytest.fixture(scope="module")
+def distributed():
+    """A gloo group of one in this process, for tests that build the learner's DeepSpeed Trainer; the
+    environment it needs is put back afterwards (the e2e tests start learners that must not inherit this
+    process's MASTER_PORT). Never host an in-process vLLM engine in this process: closing one tears down
+    torch.distributed (tests that need vLLM next to a learner run it in a spawned process)."""
+    saved = dict(os.environ)
+    from services.learner.distributed import init_distributed
+    from services.learner.settings import LearnerSettings
+
+    init_distributed(LearnerSettings())
+    yield
+    os.environ.clear()
+    os.environ.update(saved)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from pathlib import Path
 
-import httpx
+from asyncopd import state
+from asyncopd.client import Client
+from asyncopd.records import TERMINAL_STATES
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,17 +33,56 @@ def tiny_job(models: dict, **overrides) -> dict:
     return spec
 
 
-def wait_job(api: str, job_id: str, states=("succeeded", "failed", "cancelled"), timeout_s: float = 300) -> dict:
+def wait_job(api: str, job_id: str, states=TERMINAL_STATES, timeout_s: float = 300) -> dict:
+    """The job's REST view (as JSON) once it is in one of `states`."""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        job = httpx.get(f"{api}/v1/jobs/{job_id}").json()
-        if job["state"] in states:
-            return job
-        time.sleep(0.3)
-    raise TimeoutError(f"job {job_id} still {job['state']} after {timeout_s}s: {job}")
+    with Client(api) as c:
+        while (job := c.job(job_id)).state not in states:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} still {job.state} after {timeout_s}s: {job}")
+            time.sleep(0.3)
+    return job.model_dump(mode="json")
 
 
 def submit(api: str, spec: dict) -> dict:
-    resp = httpx.post(f"{api}/v1/jobs", json=spec)
-    assert resp.status_code == 201, resp.text
-    return resp.json()
+    with Client(api) as c:
+        return c.submit(spec).model_dump(mode="json")
+
+
+def steps(api: str, job_id: str) -> list[dict]:
+    """Every step record of a job, all pages."""
+    with Client(api) as c:
+        return [s.model_dump(mode="json") for s in c.steps(job_id)]
+
+
+def check_accounting(job: dict, steps: list[dict], eta: int) -> None:
+    p = job["progress"]
+    assert job["state"] == "succeeded", job
+    assert p["policy_version"] == job["spec"]["train"]["steps"] == len(steps)
+    # Nothing vanished: every released sample was trained, dropped as stale, or dead-lettered.
+    trained, dropped = sum(s["samples"] for s in steps), sum(s["dropped_stale"] for s in steps)
+    assert p["samples_released"] == trained + dropped + p["samples_dead_lettered"]
+    assert trained > 0
+    for s in steps:
+        assert all(0 <= int(k) <= eta for k in s["staleness"]), s
+        assert sum(s["staleness"].values()) == s["samples"]
+
+
+def kill_learner_when(api: str, r, job_id: str, ready) -> int:
+    """SIGKILL the learner as soon as `ready(step, lineage)` holds; the step it had reached."""
+    with Client(api) as c:
+        for _ in range(6000):
+            step = c.job(job_id).progress.step
+            if ready(step, int(r.get(state.lineage_key(job_id)) or 0)):
+                break
+            time.sleep(0.01)
+        else:
+            raise AssertionError(f"the learner never reached the point to kill it at (step {step})")
+    (learner,) = state.live_services(r, "learner")
+    os.kill(learner.pid, signal.SIGKILL)
+    for _ in range(500):  # gone from the registry once its heartbeat key is removed or expires
+        if not any(s.pid == learner.pid for s in state.live_services(r, "learner")):
+            break
+        r.delete(state.service_key("learner", learner.instance))
+        time.sleep(0.02)
+    return step

@@ -4,11 +4,13 @@ stream in batches, skip entries of other jobs, and report a model that cannot lo
 from __future__ import annotations
 
 import logging
-import threading
 from abc import ABC, abstractmethod
 
-from asyncopd import phases, state, streams
+import redis
+
+from asyncopd import logs, phases, state, streams
 from asyncopd.ml.engines import Engine, build_engine
+from asyncopd.records import FailedEvent
 from asyncopd.runtime import ServiceRuntime
 from asyncopd.settings import EngineSettings
 
@@ -27,7 +29,6 @@ class EngineService(ABC):
         self.tokenizer = None
         self.job: state.ActiveJob | None = None
         self.failed_job: str | None = None
-        self.lock = threading.Lock()  # gRPC calls and the stream loop share one engine
         self.consumer = streams.StreamConsumer(
             self.r, self.stream, settings.instance, max_deliveries=settings.max_deliveries,
             reclaim_idle_ms=settings.reclaim_idle_ms,
@@ -42,10 +43,16 @@ class EngineService(ABC):
 
     def run(self) -> None:
         while not self.rt.stop.is_set():
-            with phases.timed(phases.REDIS):
-                job = state.active_job(self.r, known=self.job)
+            try:
+                with phases.timed(phases.REDIS):
+                    job = state.active_job(self.r, known=self.job)
+            except redis.ConnectionError:  # longer than redis_outage_s: keep trying, the engine stays loaded
+                log.warning("redis unreachable for longer than %.0f s; still retrying", self.settings.redis_outage_s)
+                self.rt.stop.wait(self.settings.poll_interval_s)
+                continue
             if self.job is not None and (job is None or job.id != self.job.id):
                 self.unload()
+            logs.set_context(job_id=job.id if job is not None else None)  # each line below names its job
             if job is None or job.id == self.failed_job or (self.job is None and not self.load(job)):
                 self.rt.stop.wait(self.settings.poll_interval_s)
                 continue
@@ -60,6 +67,7 @@ class EngineService(ABC):
     def load(self, job: state.ActiveJob) -> bool:
         from transformers import AutoTokenizer
 
+        logs.adopt_library_loggers()  # transformers and torch are imported now: their loggers go to the root
         s, model = self.settings, self.model_name(job)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(model)
@@ -70,22 +78,20 @@ class EngineService(ABC):
         except Exception as exc:  # a bad model path fails the job, never the worker
             log.exception("loading %s %s failed", self.role, model)
             reason = f"{self.role} could not load {model!r}: {exc}"
-            state.report_event(self.r, job.id, "failed", self.role, reason=reason)
+            state.add_event(self.r, FailedEvent(job_id=job.id, service=self.role, reason=reason))
             self.failed_job = job.id
             return False
-        with self.lock:
-            self.engine, self.job = engine, job
+        self.engine, self.job = engine, job
         self.rt.set_model_loaded(True, job.id)
         log.info("loaded %s for job %s", model, job.id)
         return True
 
     def unload(self) -> None:
-        with self.lock:
-            if self.engine is not None:
-                self.engine.close()
-            self.engine, self.tokenizer, self.job = None, None, None
+        if self.engine is not None:
+            self.engine.close()
+        self.engine, self.tokenizer, self.job = None, None, None
         self.rt.set_model_loaded(False)
-        self.rt.info["policy_version"] = 0
+        self.rt.info.policy_version = 0
 
     def step(self, block_ms: int) -> int:
         messages = self.consumer.read(self.batch_size, block_ms)
@@ -101,7 +107,6 @@ class EngineService(ABC):
         if newer:
             self.consumer.replay_pending()
         if work:
-            with self.lock:
-                self.handle(work)
-            self.rt.info["processed"] += len(work)
+            self.handle(work)
+            self.rt.info.processed += len(work)
         return len(work)

@@ -3,8 +3,10 @@
 The teacher is trained to high held-out accuracy, the student (smaller, trained for fewer steps) to a clearly
 lower one, so distillation has a real gap to close. Both share one byte-level tokenizer (one token per
 character: digits are never merged, which keeps addition learnable at this size). Shapes respect vLLM's CPU
-attention (head_dim 32/64/...). Everything is deterministic from the recipe below and cached under
-`.cache/models/<recipe-hash>/`; `python -m asyncopd.ml.tinymodels OUT_DIR` (or `asyncopd models`) builds them.
+attention (head_dim 32/64/...). Everything is deterministic from the recipe below on one machine (not across
+CPUs: kernels may round differently by instruction set; the trained models' accuracy differed by 2 points)
+and cached under `.cache/models/<recipe-hash>/`; `python -m asyncopd.ml.tinymodels OUT_DIR` (or `asyncopd
+models`) builds them.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -158,6 +161,62 @@ def _build(paths: dict[str, Path], base: Path, recipe: Recipe, log) -> None:
         tokenizer.save_pretrained(tmp)
         tmp.rename(paths[name])
         log(f"trained {name} ({spec.steps} steps) in {time.time() - t0:.0f} s")
+
+
+@dataclass(frozen=True)
+class SizePreset:
+    """A Llama-style shape for measurements by model size (random init: what is measured is bytes and
+    seconds, not what the model knows). head_dim 64 where heads > 2, as vLLM's CPU attention needs."""
+
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab: int
+
+
+# example: the example job's student; 25m and 125m: Llama proportions (GQA, SwiGLU ~2.7x, untied embeddings),
+# with a vocabulary large enough that embeddings are a realistic share of the parameters.
+SIZES = {
+    "example": SizePreset(hidden=64, layers=2, heads=2, kv_heads=1, intermediate=128, vocab=259),
+    "25m": SizePreset(hidden=384, layers=6, heads=6, kv_heads=2, intermediate=1024, vocab=20000),
+    "125m": SizePreset(hidden=768, layers=12, heads=12, kv_heads=4, intermediate=2048, vocab=32000),
+}
+
+
+def build_sizes(root: Path, names: list[str], seed: int = 0, log=print) -> dict[str, Path]:
+    """Random-init models of the named sizes in HF format (config, safetensors, the byte-level tokenizer; ids
+    above the tokenizer's are never produced by it but are real embedding rows), cached under root/sizes/."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = {}
+    for name in names:
+        p = SIZES[name]
+        key = hashlib.sha1(json.dumps([asdict(p), seed]).encode()).hexdigest()[:8]
+        path = root / "sizes" / f"{name}-{key}"
+        if not (path / "config.json").exists():
+            t0 = time.time()
+            torch.manual_seed(seed)
+            tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")  # builds running at once do not collide
+            shutil.rmtree(tmp, ignore_errors=True)
+            tokenizer = build_tokenizer(tmp)
+            config = LlamaConfig(
+                vocab_size=p.vocab, hidden_size=p.hidden, intermediate_size=p.intermediate, num_hidden_layers=p.layers,
+                num_attention_heads=p.heads, num_key_value_heads=p.kv_heads, max_position_embeddings=512,
+                tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id)
+            model = LlamaForCausalLM(config)
+            model.save_pretrained(tmp, safe_serialization=True)
+            try:
+                tmp.rename(path)
+            except OSError:  # another process built the same model first: the same bits, keep theirs
+                shutil.rmtree(tmp, ignore_errors=True)
+            log(f"built {name} ({sum(t.numel() for t in model.parameters()) / 1e6:.1f}M parameters) in "
+                f"{time.time() - t0:.0f} s")
+        out[name] = path
+    return out
 
 
 def main() -> None:

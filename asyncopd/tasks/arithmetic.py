@@ -55,12 +55,3 @@ def write_jsonl(path: Path, items: list[Problem]) -> None:
         for p in items:
             fh.write(json.dumps({"prompt": p.prompt, "answer": p.answer}) + "\n")
 
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
-def is_correct(completion: str, answer: str) -> bool:
-    """The first whitespace-separated word of the completion is the answer."""
-    words = completion.split()
-    return bool(words) and words[0] == answer

@@ -17,13 +17,11 @@ import time
 from pathlib import Path
 
 import httpx
-import yaml
 
 from asyncopd import state
+from asyncopd.client import Client, load_job_file
 from asyncopd.ports import free_port
 from asyncopd.tools import localstack
-
-TERMINAL = ("succeeded", "failed", "cancelled")
 
 
 class Stack:
@@ -33,13 +31,14 @@ class Stack:
         self.api = self.info["api_url"]
 
     def run(self, spec: dict) -> dict:
+        """One job to its end; the job view, its step and eval records (as JSON-shaped dicts) and, per service,
+        the phase seconds and reloads it cost."""
         before = self.sample()
-        job = httpx.post(f"{self.api}/v1/jobs", json=spec, timeout=30).json()
-        if "id" not in job:
-            raise RuntimeError(f"job refused: {job}")
-        while (job := httpx.get(f"{self.api}/v1/jobs/{job['id']}", timeout=30).json())["state"] not in TERMINAL:
-            time.sleep(0.5)
-        records = httpx.get(f"{self.api}/v1/jobs/{job['id']}/steps", timeout=30).json()
+        with Client(self.api) as c:
+            job = c.wait(c.submit(spec).id, timeout_s=float("inf"), interval_s=0.5)
+            records = {"steps": [s.model_dump(mode="json") for s in c.steps(job.id)],
+                       "evals": [e.model_dump(mode="json") for e in c.evals(job.id)]}
+        job = job.model_dump(mode="json")
         after = self.sample()
         usage = {svc: {k: v - before.get(svc, {}).get(k, 0.0) for k, v in totals.items()}
                  for svc, totals in after.items()}
@@ -53,8 +52,8 @@ class Stack:
         r = state.connect(self.info["redis_url"])
         out: dict[str, dict[str, float]] = {}
         for svc in state.live_services(r):
-            text = httpx.get(f"http://127.0.0.1:{svc['metrics_port']}/metrics", timeout=5).text
-            totals = out.setdefault(svc["service"], {})
+            text = httpx.get(f"http://127.0.0.1:{svc.metrics_port}/metrics", timeout=5).text
+            totals = out.setdefault(svc.service, {})
             for family in text_string_to_metric_families(text):
                 for s in family.samples:
                     if s.name == "asyncopd_phase_seconds_total":
@@ -71,9 +70,7 @@ class Stack:
 
 
 def base_spec(job_file: Path, **overrides) -> dict:
-    from asyncopd.tools.cli import absolutize
-
-    spec = absolutize(yaml.safe_load(job_file.read_text()), Path.cwd())
+    spec = load_job_file(job_file)
     for key, value in overrides.items():
         # Settings blocks merge; an objective is replaced whole (its parameters depend on its kind).
         merge = isinstance(value, dict) and isinstance(spec.get(key), dict) and key != "objective"
@@ -282,31 +279,60 @@ def suite_reload(run_dir: Path, job_file: Path, engine: str, eta: int, lags: lis
     return rows
 
 
+def findings_objective(text: str) -> tuple[str, dict, float | None]:
+    """One `--objectives` item as (label, job-spec objective, learning rate or None): a kind (`m2po`) or a
+    YAML flow mapping of the objective with two optional extra keys, `lr` (this objective's learning rate;
+    finding 2 compares each objective at its own tuned rate) and `name` (its label in the tables), e.g.
+    '{kind: reverse_kl_mc, samples: 4, lr: 5e-4}'. Validated here, so a typo fails before hours of runs."""
+    import yaml
+
+    from asyncopd.objective_spec import parse_objective
+
+    value = yaml.safe_load(text)
+    objective = {"kind": value} if isinstance(value, str) else dict(value or {})
+    lr, name = objective.pop("lr", None), objective.pop("name", None)
+    lr = None if lr is None else float(lr)  # YAML 1.1 reads 5e-4 (no dot) as a string
+    parse_objective(objective)
+    params = [f"{k}={v}" for k, v in objective.items() if k != "kind"] + ([f"lr={lr}"] if lr is not None else [])
+    return name or "-".join([objective.get("kind", "?"), *params]), objective, lr
+
+
 def suite_findings(stack: Stack, job_file: Path, objectives: list[str], budgets: list[int], seeds: list[int],
                    steps: int, learning_rate: float | None, out: Path, smoke: bool, command: str) -> list[dict]:
-    rows = []
+    rows, curves = [], []
     train = {"steps": 3 if smoke else steps, "checkpoint_every": steps}
     if learning_rate is not None:
         train["learning_rate"] = learning_rate
-    for kind in objectives:
+    runs = [findings_objective(text) for text in objectives]
+    for label, objective, lr in runs:
         for eta in budgets:
             for seed in seeds:
-                spec = base_spec(job_file, name=f"findings-{kind}-eta{eta}-s{seed}", max_staleness=eta,
-                                 objective={"kind": kind}, train={**train, "seed": seed},
-                                 eval={"every": 3 if smoke else steps})
-                rows.append(summarize(stack.run(spec), None))
+                run_train = {**train, "seed": seed, **({"learning_rate": lr} if lr is not None else {})}
+                slug = "".join(c if c.isalnum() or c in "._-" else "_" for c in label)[:80]
+                spec = base_spec(job_file, name=f"findings-{slug}-eta{eta}-s{seed}", max_staleness=eta,
+                                 objective=objective, train=run_train, eval={"every": 3 if smoke else steps})
+                result = stack.run(spec)
+                rows.append({**summarize(result, None), "objective": label})
+                curves += [{"objective": label, "max_staleness": eta, "seed": seed, "step": e["step"],
+                            "accuracy": e["accuracy"], "kl_to_teacher": e["kl_to_teacher"]} for e in result["evals"]]
     agg = []
-    for kind in objectives:
+    for label, _, _ in runs:
         for eta in budgets:
-            group = [r for r in rows if r["objective"] == kind and r["max_staleness"] == eta]
-            agg.append({"objective": kind, "max_staleness": eta, "seeds": len(group),
-                        **spread(group, "final_accuracy"), **spread(group, "final_kl"),
+            group = [r for r in rows if r["objective"] == label and r["max_staleness"] == eta]
+            agg.append({"objective": label, "max_staleness": eta, "seeds": len(group),
+                        **spread(group, "final_accuracy"), **spread(group, "last3_accuracy"),
+                        **spread(group, "final_kl"),
                         "mean_staleness": round(sum(r["mean_staleness"] for r in group) / len(group), 2)})
     write_table(out, "findings-runs", "Findings: every run", command, rows, [])
+    if curves:
+        write_table(out, "findings-curves", "Findings: held-out evaluations of every run (learning curves)",
+                    command, curves, [])
+        plot_findings_curves(curves, out / "findings-curves.png")
     write_table(out, "findings", "The paper's findings at toy scale: objective x staleness (mean and range over seeds)",
                 command, agg, [f"Each run: {steps} steps from the same student; final held-out exact match and "
                                "exact KL(student||teacher) of the distilled student."
-                               + (f" Learning rate {learning_rate} for every run." if learning_rate else "")])
+                               + (f" Learning rate {learning_rate} unless the objective names its own."
+                                  if learning_rate else "")])
     plot_findings(agg, out / "findings.png")
     return agg
 
@@ -385,6 +411,11 @@ def run(args) -> None:
     out, command = args.out, "asyncopd bench " + " ".join(args.argv)
     suites = ["throughput", "pipeline", "reload", "findings"] if args.suite == "all" else [args.suite]
     summary = {}
+    if "weights" in suites:  # no stack: a training run and the transports in this process
+        from asyncopd.tools.bench_weights import suite_weights
+
+        summary["weights"] = suite_weights(out, args.sizes, args.weights_steps, args.weights_lrs, args.weights_engines,
+                                           args.smoke, command)
     if "pipeline" in suites:
         summary["pipeline"] = suite_pipeline(args.run_dir / "bench-pipeline", args.file, out, args.smoke, command)
     if "reload" in suites:
@@ -405,3 +436,28 @@ def run(args) -> None:
     path = out / "summary.json"  # suites run separately keep each other's results
     merged = json.loads(path.read_text()) if path.exists() else {}
     path.write_text(json.dumps({**merged, **summary}, indent=2))
+
+
+def plot_findings_curves(curves: list[dict], path: Path) -> None:
+    """Held-out KL(student||teacher) by step, one panel per max_staleness, one line per objective (mean over
+    seeds; the shaded band is their min-max)."""
+    plt = _plt()
+    budgets = sorted({c["max_staleness"] for c in curves})
+    fig, axes = plt.subplots(1, len(budgets), figsize=(5 * len(budgets), 4), squeeze=False)
+    for ax, eta in zip(axes[0], budgets, strict=True):
+        for label in dict.fromkeys(c["objective"] for c in curves):
+            by_step: dict[int, list[float]] = {}
+            for c in curves:
+                if c["objective"] == label and c["max_staleness"] == eta and c["kl_to_teacher"] is not None:
+                    by_step.setdefault(c["step"], []).append(c["kl_to_teacher"])
+            steps = sorted(by_step)
+            ax.plot(steps, [sum(by_step[x]) / len(by_step[x]) for x in steps], label=label)
+            ax.fill_between(steps, [min(by_step[x]) for x in steps], [max(by_step[x]) for x in steps], alpha=0.15)
+        ax.set_title(f"max_staleness η = {eta}")
+        ax.set_xlabel("step")
+        ax.set_ylabel("held-out KL(student||teacher)")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

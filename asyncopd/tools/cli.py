@@ -12,6 +12,10 @@ from pathlib import Path
 import httpx
 import yaml
 
+from asyncopd.api_models import JobView
+from asyncopd.client import ApiError, Client, TokenFileError, load_job_file
+from asyncopd.records import StepRecord
+
 DEFAULT_RUN_DIR = Path(".run")
 
 
@@ -26,44 +30,15 @@ def api_url(args) -> str:
     return info["api_url"] if info else "http://127.0.0.1:8000"
 
 
-def client(args) -> httpx.Client:
-    token = os.environ.get("ASYNCOPD_API_TOKEN")
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    return httpx.Client(base_url=api_url(args), headers=headers, timeout=30)
-
-
-def _check(resp: httpx.Response) -> dict:
-    if resp.status_code >= 400:
-        try:
-            detail = resp.json().get("detail")
-        except ValueError:
-            detail = resp.text
-        if isinstance(detail, list):
-            detail = "; ".join(f"{d.get('field') or '.'.join(map(str, d.get('loc', [])))}: {d['msg']}" for d in detail)
-        sys.exit(f"error {resp.status_code}: {detail}")
-    return resp.json()
-
-
-def absolutize(spec: dict, base: Path) -> dict:
-    """Make local paths in a job file absolute, so the services find them whatever their working directory."""
-    def fix(value: str) -> str:
-        p = Path(value)
-        return str((base / p).absolute()) if not p.is_absolute() and (base / p).exists() else value
-
-    for section, key in (("student", "model"), ("teacher", "model"), ("prompts", "path"),
-                         ("prompts", "heldout_path")):
-        if isinstance(spec.get(section), dict) and isinstance(spec[section].get(key), str):
-            spec[section][key] = fix(spec[section][key])
-    if isinstance(spec.get("output_dir"), str) and not Path(spec["output_dir"]).is_absolute():
-        spec["output_dir"] = str((base / spec["output_dir"]).absolute())
-    return spec
+def client(args) -> Client:
+    return Client(api_url(args))
 
 
 def read_job_file(path: Path) -> dict:
-    spec = yaml.safe_load(path.read_text())
-    if not isinstance(spec, dict):
-        sys.exit(f"{path}: a job file must hold a mapping")
-    return absolutize(spec, Path.cwd())
+    try:
+        return load_job_file(path)
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        sys.exit(str(exc))
 
 
 def cmd_up(args) -> None:
@@ -91,86 +66,100 @@ def cmd_down(args) -> None:
 
 def cmd_submit(args) -> None:
     with client(args) as c:
-        job = _check(c.post("/v1/jobs", json=read_job_file(args.file)))
-        print(job["id"])
+        job = c.submit(read_job_file(args.file))
+        print(job.id)
         if args.wait:
-            job = follow(c, job["id"])
-            print_summary(job, _check(c.get(f"/v1/jobs/{job['id']}/steps"))["steps"])
-            if job["state"] != "succeeded":
+            job = follow(c, job.id)
+            print_summary(job, list(c.steps(job.id)))
+            if job.state != "succeeded":
                 sys.exit(1)
 
 
 def cmd_status(args) -> None:
+    if args.services:
+        return cmd_status_services(args)
     with client(args) as c:
         if args.job:
-            print(json.dumps(_check(c.get(f"/v1/jobs/{args.job}")), indent=2))
+            print(c.job(args.job).model_dump_json(indent=2))
             return
-        for job in _check(c.get("/v1/jobs"))["jobs"]:
-            p = job["progress"]
-            print(f"{job['id']:<32} {job['state']:<10} step {p['step']}/{p['steps']}  v{p['policy_version']}")
+        for job in c.jobs():
+            p = job.progress
+            print(f"{job.id:<32} {job.state:<10} step {p.step}/{p.steps}  v{p.policy_version}")
 
 
 def cmd_cancel(args) -> None:
     with client(args) as c:
-        print(_check(c.post(f"/v1/jobs/{args.job}/cancel"))["state"])
+        print(c.cancel(args.job).state)
+
+
+def cmd_status_services(args) -> None:
+    from asyncopd.tools import control
+
+    control.run(control.status_services, args)
+
+
+def cmd_drain(args) -> None:
+    from asyncopd.tools import control
+
+    control.run(control.drain, args)
 
 
 def cmd_scale(args) -> None:
     with client(args) as c:
-        print(_check(c.put(f"/v1/pools/{args.pool}", json={"replicas": args.replicas}))["replicas"])
+        print(c.scale(args.pool, args.replicas))
 
 
-def progress_line(job: dict, width: int = 24) -> str:
-    p = job["progress"]
-    done = p["step"] / max(p["steps"], 1)
+def progress_line(job: JobView, width: int = 24) -> str:
+    p = job.progress
+    done = p.step / max(p.steps, 1)
     bar = "#" * int(done * width) + "." * (width - int(done * width))
-    elapsed = time.time() - (job["started_at"] or time.time())
-    rate = p["samples_trained"] / elapsed if elapsed > 0 else 0.0
-    loss = f"{p['last_loss']:.4f}" if p["last_loss"] is not None else "-"
-    return (f"[{bar}] step {p['step']}/{p['steps']}  v{p['policy_version']}  {rate:6.1f} samples/s  "
-            f"staleness<={p['max_staleness_trained']}  dropped {p['samples_dropped_stale']}  loss {loss}  "
-            f"{job['state']}")
+    elapsed = time.time() - (job.started_at or time.time())
+    rate = p.samples_trained / elapsed if elapsed > 0 else 0.0
+    loss = f"{p.last_loss:.4f}" if p.last_loss is not None else "-"
+    return (f"[{bar}] step {p.step}/{p.steps}  v{p.policy_version}  {rate:6.1f} samples/s  "
+            f"staleness<={p.max_staleness_trained}  dropped {p.samples_dropped_stale}  loss {loss}  {job.state}")
 
 
-def follow(c: httpx.Client, job_id: str, interval_s: float = 0.5) -> dict:
+def follow(c: Client, job_id: str, interval_s: float = 0.5) -> JobView:
     tty = sys.stdout.isatty()
     last = None
-    while True:
-        job = _check(c.get(f"/v1/jobs/{job_id}"))
+
+    def show(job: JobView) -> None:
+        nonlocal last
         if tty:
             print("\r" + progress_line(job), end="", flush=True)
-        elif (job["progress"]["step"], job["state"]) != last:  # logs get one line per step, not per poll
+        elif (job.progress.step, job.state) != last:  # logs get one line per step, not per poll
             print(progress_line(job), flush=True)
-        last = (job["progress"]["step"], job["state"])
-        if job["state"] in ("succeeded", "failed", "cancelled"):
-            if tty:
-                print()
-            return job
-        time.sleep(interval_s)
+        last = (job.progress.step, job.state)
+
+    job = c.wait(job_id, timeout_s=float("inf"), interval_s=interval_s, on_poll=show)
+    if tty:
+        print()
+    return job
 
 
-def print_summary(job: dict, steps: list[dict], evaluation: dict | None = None) -> None:
-    p = job["progress"]
-    wall = (job["finished_at"] or time.time()) - (job["started_at"] or job["created_at"])
+def print_summary(job: JobView, steps: list[StepRecord], evaluation: dict | None = None) -> None:
+    p = job.progress
+    wall = (job.finished_at or time.time()) - (job.started_at or job.created_at)
     rows = [
-        ("job", job["id"]),
-        ("state", job["state"] + (f" ({job['reason']})" if job.get("reason") else "")),
-        ("steps / policy version", f"{p['step']} / {p['policy_version']}"),
-        ("max_staleness (budget)", f"{job['spec']['max_staleness']}"),
-        ("samples released", p["samples_released"]),
-        ("samples trained", p["samples_trained"]),
-        ("dropped as stale", p["samples_dropped_stale"]),
-        ("dead-lettered", p["samples_dead_lettered"]),
-        ("max staleness trained", p["max_staleness_trained"]),
+        ("job", job.id),
+        ("state", job.state + (f" ({job.reason})" if job.reason else "")),
+        ("steps / policy version", f"{p.step} / {p.policy_version}"),
+        ("max_staleness (budget)", f"{job.spec.max_staleness}" if job.spec else "-"),
+        ("samples released", p.samples_released),
+        ("samples trained", p.samples_trained),
+        ("dropped as stale", p.samples_dropped_stale),
+        ("dead-lettered", p.samples_dead_lettered),
+        ("max staleness trained", p.max_staleness_trained),
         ("wall time", f"{wall:.1f} s"),
-        ("samples/s", f"{p['samples_trained'] / wall:.1f}" if wall > 0 else "-"),
+        ("samples/s", f"{p.samples_trained / wall:.1f}" if wall > 0 else "-"),
     ]
     if steps:
-        rows.append(("loss first -> last", f"{steps[0]['loss']:.4f} -> {steps[-1]['loss']:.4f}"))
-        rows.append(("behaviour KL first -> last", f"{steps[0]['kl']:.4f} -> {steps[-1]['kl']:.4f}"))
+        rows.append(("loss first -> last", f"{steps[0].loss:.4f} -> {steps[-1].loss:.4f}"))
+        rows.append(("behaviour KL first -> last", f"{steps[0].behavior_kl:.4f} -> {steps[-1].behavior_kl:.4f}"))
     for name, value in (evaluation or {}).items():
         rows.append((name, value))
-    rows.append(("distilled student", job.get("result_dir") or "-"))
+    rows.append(("distilled student", job.result_dir or "-"))
     width = max(len(r[0]) for r in rows)
     print("-" * (width + 40))
     for name, value in rows:
@@ -179,9 +168,9 @@ def print_summary(job: dict, steps: list[dict], evaluation: dict | None = None) 
 
 
 def cmd_models(args) -> None:
-    from asyncopd.ml.tinymodels import build_all
+    from asyncopd.ml.tinymodels import build_all, build_sizes
 
-    for name, path in build_all(args.out).items():
+    for name, path in (build_sizes(args.out, args.sizes) if args.sizes else build_all(args.out)).items():
         print(f"{name}: {path}")
 
 
@@ -200,27 +189,60 @@ def cmd_demo(args) -> None:
     try:
         spec = read_job_file(args.file)
         with client(args) as c:
-            job = _check(c.post("/v1/jobs", json=spec))
-            print(f"submitted {job['id']}", flush=True)
-            job = follow(c, job["id"])
-            steps = _check(c.get(f"/v1/jobs/{job['id']}/steps"))["steps"]
-        evaluation = heldout_report(spec, job) if job["state"] == "succeeded" else {}
+            job = c.submit(spec)
+            print(f"submitted {job.id}", flush=True)
+            job = follow(c, job.id)
+            steps = list(c.steps(job.id))
+        evaluation = heldout_report(job.spec, job.result_dir) if job.state == "succeeded" else {}
         print_summary(job, steps, evaluation)
         print(f"make run wall time (incl. start and stop): {time.time() - t0:.1f} s")
     finally:
         if started_here:
             localstack.down(args.run_dir)
-    if job["state"] != "succeeded":
+    if job.state != "succeeded":
         sys.exit(1)
 
 
-def cmd_eval(args) -> None:
-    from asyncopd.ml.evaluate import Evaluator, read_rows
+def job_spec(path: Path):
+    from pydantic import ValidationError
 
-    ev = Evaluator(str(args.teacher), read_rows(args.prompts, args.limit), max_tokens=args.max_tokens)
+    from asyncopd.jobspec import JobSpec
+
+    try:
+        return JobSpec.model_validate(read_job_file(path))
+    except ValidationError as exc:
+        sys.exit(f"{path}: not a valid job spec:\n" + "\n".join(
+            f"  {'.'.join(map(str, e['loc'])) or '.'}: {e['msg']}" for e in exc.errors()))
+
+
+def cmd_eval(args) -> None:
+    """Held-out accuracy (as the job file judges it) and KL to the teacher of a model directory."""
+    from asyncopd.ml.evaluate import Evaluator
+
+    spec = job_spec(args.file)
+    if args.limit:
+        spec = spec.model_copy(update={"prompts": spec.prompts.model_copy(update={"heldout_limit": args.limit})})
+    ev = Evaluator.for_job(spec.model_copy(update={"eval": spec.eval.model_copy(update={"kl": True})}))
     result = ev.evaluate(str(args.model))
-    result["teacher_accuracy"] = ev.teacher_accuracy()
-    print(json.dumps(result, indent=2))
+    print(json.dumps({"task": spec.eval.task, "accuracy": result.accuracy, "judged": result.judged,
+                      "kl_to_teacher": result.kl_to_teacher, "teacher_accuracy": ev.teacher_accuracy(),
+                      "samples": result.samples}, indent=2))
+
+
+def cmd_validate(args) -> None:
+    """Check a job file without submitting it: the spec, then (unless --spec-only) its prompt sources."""
+    from asyncopd.prompts import PromptFileError, heldout_rows, training_rows
+
+    spec = job_spec(args.file)
+    if not args.spec_only:
+        try:
+            rows = training_rows(spec.prompts)
+            held = heldout_rows(spec.prompts)
+        except PromptFileError as exc:
+            sys.exit(f"{args.file}: {exc}")
+        print(f"{len(rows)} training prompts, {len(held) if held else 0} held-out rows "
+              f"({sum('answer' in r for r in held or [])} with an answer)")
+    print(f"{args.file}: valid")
 
 
 def cmd_bench(args) -> None:
@@ -241,6 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--engine", choices=("vllm", "hf"), default="vllm")
         p.add_argument("--rollouts", type=int, default=1, help="rollout workers to start")
 
+    def control_flags(p):  # the gRPC control commands find the instances in Redis's heartbeat registry
+        p.add_argument("--redis-url", help="default: ASYNCOPD_REDIS_URL, else the local stack's Redis")
+        p.add_argument("--timeout", type=float, default=5.0, help="deadline of each gRPC call, seconds")
+
     p = sub.add_parser("up", help="start Redis and the four services locally")
     stack_flags(p)
     p.add_argument("--learner-ranks", type=int, default=1, help="learner processes under torchrun")
@@ -251,18 +277,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", type=Path)
     p.add_argument("--wait", action="store_true", help="follow the job with a progress bar until it ends")
     p.set_defaults(func=cmd_submit)
-    p = sub.add_parser("status", help="list jobs, or show one")
+    p = sub.add_parser("status", help="list jobs, or show one; --services: every live service instance")
     p.add_argument("job", nargs="?")
+    p.add_argument("--services", action="store_true",
+                   help="call GetStatus on each instance in the heartbeat registry, one line each")
+    control_flags(p)
     p.set_defaults(func=cmd_status)
     p = sub.add_parser("cancel", help="cancel a job")
     p.add_argument("job")
     p.set_defaults(func=cmd_cancel)
+    p = sub.add_parser("drain", help="ask one rollout/teacher/learner instance to finish what it holds and exit "
+                       "(its Deployment or pool may start a replacement: lower the pool size to keep it gone)")
+    p.add_argument("target", metavar="SERVICE/INSTANCE", help="as `status --services` lists it, or INSTANCE")
+    p.add_argument("--wait", type=float, metavar="SECONDS", help="then wait up to SECONDS for it to exit")
+    control_flags(p)
+    p.set_defaults(func=cmd_drain)
     p = sub.add_parser("scale", help="scale a pool: asyncopd scale rollout N")
     p.add_argument("pool", choices=("rollout",))
     p.add_argument("replicas", type=int)
     p.set_defaults(func=cmd_scale)
     p = sub.add_parser("models", help="build the tiny teacher and student (HF format, no downloads)")
     p.add_argument("out", type=Path, nargs="?", default=Path(".cache/models"))
+    p.add_argument("--sizes", nargs="+", choices=("example", "25m", "125m"),
+                   help="instead: random-init Llama-style models of these sizes (the weights bench's)")
     p.set_defaults(func=cmd_models)
     p = sub.add_parser("demo", help="the make-run demo: stack up, run a job with a progress bar, stack down")
     p.add_argument("file", type=Path, nargs="?", default=Path("examples/tiny-job.yaml"))
@@ -270,18 +307,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("eval", help="held-out accuracy and KL to the teacher of a model directory")
     p.add_argument("model", type=Path)
-    p.add_argument("--teacher", type=Path, default=Path(".cache/models/teacher"))
-    p.add_argument("--prompts", type=Path, default=Path("examples/arith-heldout.jsonl"))
-    p.add_argument("--limit", type=int, default=256)
-    p.add_argument("--max-tokens", type=int, default=8)
+    p.add_argument("file", type=Path, nargs="?", default=Path("examples/tiny-job.yaml"),
+                   help="job file naming the teacher, the held-out rows and how answers are judged")
+    p.add_argument("--limit", type=int, help="held-out rows (default: the job's prompts.heldout_limit)")
     p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("validate", help="check a job file without submitting it (spec and prompt sources)")
+    p.add_argument("file", type=Path)
+    p.add_argument("--spec-only", action="store_true", help="skip reading the prompt sources (e.g. hub ids)")
+    p.set_defaults(func=cmd_validate)
     p = sub.add_parser("bench", help="experiments through the real stack: throughput, pipeline, findings")
     p.add_argument("file", type=Path, nargs="?", default=Path("examples/tiny-job.yaml"))
-    p.add_argument("--suite", choices=("all", "throughput", "pipeline", "reload", "findings"), default="all")
+    p.add_argument("--suite", choices=("all", "throughput", "pipeline", "reload", "findings", "weights"),
+                   default="all", help="weights (not in all): the cost of a weight version by model size and transport")
     p.add_argument("--budgets", type=int, nargs="+", default=[0, 1, 2, 4])
     p.add_argument("--target", type=float, default=0.6, help="held-out accuracy for time-to-target")
     p.add_argument("--objectives", nargs="+",
-                   default=["forward_kl_topk", "reverse_kl_sampled", "reverse_kl_recompute"])
+                   default=["forward_kl_topk", "reverse_kl_sampled", "reverse_kl_recompute"],
+                   help="findings: objective kinds, or YAML objectives with an optional own learning rate and "
+                        "label, e.g. '{kind: reverse_kl_mc, samples: 4, lr: 5e-4, name: mc4}'")
     p.add_argument("--findings-budgets", type=int, nargs="+", default=[0, 2, 8])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--findings-steps", type=int, default=300)
@@ -292,13 +335,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--smoke", action="store_true", help="a few steps per job: checks the harness, measures nothing")
     p.add_argument("--engine", choices=("vllm", "hf"), default="vllm")
     p.add_argument("--out", type=Path, default=Path("docs/results"))
+    p.add_argument("--sizes", nargs="+", choices=("example", "25m", "125m"), default=["example", "25m", "125m"],
+                   help="weights suite: model sizes (asyncopd models --sizes)")
+    p.add_argument("--weights-steps", type=int, default=8, help="weights suite: training steps (= versions) per run")
+    p.add_argument("--weights-lrs", type=float, nargs="+", default=[1e-3, 1e-5], help="weights suite: learning rates")
+    p.add_argument("--weights-engines", nargs="+", choices=("hf", "vllm"), default=["hf", "vllm"],
+                   help="weights suite: engines whose reload is timed")
     p.set_defaults(func=cmd_bench)
     return ap
 
 
+def api_failure(exc: Exception, url: str) -> str:
+    """One line saying what failed and what to do, for the errors any REST command can meet."""
+    if isinstance(exc, httpx.HTTPError):
+        return (f"error: cannot reach the coordinator at {url} ({type(exc).__name__}: {exc}); start the local stack "
+                "with `asyncopd up`, or point --api (or ASYNCOPD_API_URL) at a running coordinator")
+    assert isinstance(exc, ApiError)
+    if exc.status_code == 401:
+        return (f"error 401 from {url}: {exc.message}; set ASYNCOPD_API_TOKEN (or ASYNCOPD_API_TOKEN_FILE, a file "
+                "holding it) to the coordinator's token")
+    if exc.status_code >= 500:
+        return (f"error {exc.status_code} from {url}: {exc.message}; the coordinator failed, see its log "
+                "(the local stack's is .run/logs/coordinator.log)")
+    return f"error {exc.status_code}: {exc.message}"
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    args.func(args)
+    try:
+        args.func(args)
+    except (ApiError, httpx.HTTPError) as exc:
+        sys.exit(api_failure(exc, api_url(args)))
+    except TokenFileError as exc:
+        sys.exit(f"error: {exc}")
 
 
 if __name__ == "__main__":

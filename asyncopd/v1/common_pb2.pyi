@@ -6,7 +6,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ServiceStatus(_message.Message):
-    __slots__ = ("service", "instance", "job_id", "model_loaded", "policy_version", "draining", "processed")
+    __slots__ = ("service", "instance", "job_id", "model_loaded", "policy_version", "draining", "processed", "ready")
     SERVICE_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
@@ -14,6 +14,7 @@ class ServiceStatus(_message.Message):
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
     PROCESSED_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
     service: str
     instance: str
     job_id: str
@@ -21,36 +22,19 @@ class ServiceStatus(_message.Message):
     policy_version: int
     draining: bool
     processed: int
-    def __init__(self, service: _Optional[str] = ..., instance: _Optional[str] = ..., job_id: _Optional[str] = ..., model_loaded: _Optional[bool] = ..., policy_version: _Optional[int] = ..., draining: _Optional[bool] = ..., processed: _Optional[int] = ...) -> None: ...
+    ready: bool
+    def __init__(self, service: _Optional[str] = ..., instance: _Optional[str] = ..., job_id: _Optional[str] = ..., model_loaded: _Optional[bool] = ..., policy_version: _Optional[int] = ..., draining: _Optional[bool] = ..., processed: _Optional[int] = ..., ready: _Optional[bool] = ...) -> None: ...
 
 class GetStatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class DrainRequest(_message.Message):
-    __slots__ = ("drain",)
-    DRAIN_FIELD_NUMBER: _ClassVar[int]
-    drain: bool
-    def __init__(self, drain: _Optional[bool] = ...) -> None: ...
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class DrainResponse(_message.Message):
     __slots__ = ("status",)
     STATUS_FIELD_NUMBER: _ClassVar[int]
     status: ServiceStatus
     def __init__(self, status: _Optional[_Union[ServiceStatus, _Mapping]] = ...) -> None: ...
-
-class WeightUpdate(_message.Message):
-    __slots__ = ("job_id", "version", "path")
-    JOB_ID_FIELD_NUMBER: _ClassVar[int]
-    VERSION_FIELD_NUMBER: _ClassVar[int]
-    PATH_FIELD_NUMBER: _ClassVar[int]
-    job_id: str
-    version: int
-    path: str
-    def __init__(self, job_id: _Optional[str] = ..., version: _Optional[int] = ..., path: _Optional[str] = ...) -> None: ...
-
-class WeightUpdateAck(_message.Message):
-    __slots__ = ("loaded_version",)
-    LOADED_VERSION_FIELD_NUMBER: _ClassVar[int]
-    loaded_version: int
-    def __init__(self, loaded_version: _Optional[int] = ...) -> None: ...

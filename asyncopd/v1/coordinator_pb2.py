@@ -25,17 +25,13 @@ _sym_db = _symbol_database.Default()
 from asyncopd.v1 import common_pb2 as asyncopd_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x61syncopd/v1/coordinator.proto\x12\x0b\x61syncopd.v1\x1a\x18\x61syncopd/v1/common.proto\" \n\x0cScaleRequest\x12\x10\n\x08replicas\x18\x01 \x01(\x05\"!\n\rScaleResponse\x12\x10\n\x08replicas\x18\x01 \x01(\x05\x32\xa3\x01\n\x12\x43oordinatorService\x12\x46\n\tGetStatus\x12\x1d.asyncopd.v1.GetStatusRequest\x1a\x1a.asyncopd.v1.ServiceStatus\x12\x45\n\x0cScaleRollout\x12\x19.asyncopd.v1.ScaleRequest\x1a\x1a.asyncopd.v1.ScaleResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x61syncopd/v1/coordinator.proto\x12\x0b\x61syncopd.v1\x1a\x18\x61syncopd/v1/common.proto2\\\n\x12\x43oordinatorService\x12\x46\n\tGetStatus\x12\x1d.asyncopd.v1.GetStatusRequest\x1a\x1a.asyncopd.v1.ServiceStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'asyncopd.v1.coordinator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SCALEREQUEST']._serialized_start=72
-  _globals['_SCALEREQUEST']._serialized_end=104
-  _globals['_SCALERESPONSE']._serialized_start=106
-  _globals['_SCALERESPONSE']._serialized_end=139
-  _globals['_COORDINATORSERVICE']._serialized_start=142
-  _globals['_COORDINATORSERVICE']._serialized_end=305
+  _globals['_COORDINATORSERVICE']._serialized_start=72
+  _globals['_COORDINATORSERVICE']._serialized_end=164
 # @@protoc_insertion_point(module_scope)

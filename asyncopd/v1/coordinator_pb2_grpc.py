@@ -4,7 +4,6 @@ import grpc
 import warnings
 
 from asyncopd.v1 import common_pb2 as asyncopd_dot_v1_dot_common__pb2
-from asyncopd.v1 import coordinator_pb2 as asyncopd_dot_v1_dot_coordinator__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -27,7 +26,8 @@ if _version_not_supported:
 
 
 class CoordinatorServiceStub:
-    """The coordinator's REST API is the user-facing surface; this gRPC service is for operators and tooling.
+    """The coordinator's REST API is the user-facing surface (scaling included); over gRPC it only reports status.
+    No Drain: it holds no stream entries, and stopping it is its Deployment's business.
     """
 
     def __init__(self, channel):
@@ -41,24 +41,14 @@ class CoordinatorServiceStub:
                 request_serializer=asyncopd_dot_v1_dot_common__pb2.GetStatusRequest.SerializeToString,
                 response_deserializer=asyncopd_dot_v1_dot_common__pb2.ServiceStatus.FromString,
                 _registered_method=True)
-        self.ScaleRollout = channel.unary_unary(
-                '/asyncopd.v1.CoordinatorService/ScaleRollout',
-                request_serializer=asyncopd_dot_v1_dot_coordinator__pb2.ScaleRequest.SerializeToString,
-                response_deserializer=asyncopd_dot_v1_dot_coordinator__pb2.ScaleResponse.FromString,
-                _registered_method=True)
 
 
 class CoordinatorServiceServicer:
-    """The coordinator's REST API is the user-facing surface; this gRPC service is for operators and tooling.
+    """The coordinator's REST API is the user-facing surface (scaling included); over gRPC it only reports status.
+    No Drain: it holds no stream entries, and stopping it is its Deployment's business.
     """
 
     def GetStatus(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def ScaleRollout(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -72,11 +62,6 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     request_deserializer=asyncopd_dot_v1_dot_common__pb2.GetStatusRequest.FromString,
                     response_serializer=asyncopd_dot_v1_dot_common__pb2.ServiceStatus.SerializeToString,
             ),
-            'ScaleRollout': grpc.unary_unary_rpc_method_handler(
-                    servicer.ScaleRollout,
-                    request_deserializer=asyncopd_dot_v1_dot_coordinator__pb2.ScaleRequest.FromString,
-                    response_serializer=asyncopd_dot_v1_dot_coordinator__pb2.ScaleResponse.SerializeToString,
-            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'asyncopd.v1.CoordinatorService', rpc_method_handlers)
@@ -86,7 +71,8 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class CoordinatorService:
-    """The coordinator's REST API is the user-facing surface; this gRPC service is for operators and tooling.
+    """The coordinator's REST API is the user-facing surface (scaling included); over gRPC it only reports status.
+    No Drain: it holds no stream entries, and stopping it is its Deployment's business.
     """
 
     @staticmethod
@@ -106,33 +92,6 @@ class CoordinatorService:
             '/asyncopd.v1.CoordinatorService/GetStatus',
             asyncopd_dot_v1_dot_common__pb2.GetStatusRequest.SerializeToString,
             asyncopd_dot_v1_dot_common__pb2.ServiceStatus.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def ScaleRollout(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/asyncopd.v1.CoordinatorService/ScaleRollout',
-            asyncopd_dot_v1_dot_coordinator__pb2.ScaleRequest.SerializeToString,
-            asyncopd_dot_v1_dot_coordinator__pb2.ScaleResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -25,15 +25,13 @@ _sym_db = _symbol_database.Default()
 from asyncopd.v1 import common_pb2 as asyncopd_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61syncopd/v1/learner.proto\x12\x0b\x61syncopd.v1\x1a\x18\x61syncopd/v1/common.proto\"\xa3\x01\n\x0fLearnerProgress\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x16\n\x0epolicy_version\x18\x03 \x01(\x03\x12\x17\n\x0fsamples_trained\x18\x04 \x01(\x03\x12\x1d\n\x15samples_dropped_stale\x18\x05 \x01(\x03\x12\x11\n\tlast_loss\x18\x06 \x01(\x02\x12\x0f\n\x07last_kl\x18\x07 \x01(\x02\x32\xa4\x01\n\x0eLearnerService\x12\x46\n\tGetStatus\x12\x1d.asyncopd.v1.GetStatusRequest\x1a\x1a.asyncopd.v1.ServiceStatus\x12J\n\x0bGetProgress\x12\x1d.asyncopd.v1.GetStatusRequest\x1a\x1c.asyncopd.v1.LearnerProgressb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61syncopd/v1/learner.proto\x12\x0b\x61syncopd.v1\x1a\x18\x61syncopd/v1/common.proto2\x98\x01\n\x0eLearnerService\x12\x46\n\tGetStatus\x12\x1d.asyncopd.v1.GetStatusRequest\x1a\x1a.asyncopd.v1.ServiceStatus\x12>\n\x05\x44rain\x12\x19.asyncopd.v1.DrainRequest\x1a\x1a.asyncopd.v1.DrainResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'asyncopd.v1.learner_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LEARNERPROGRESS']._serialized_start=69
-  _globals['_LEARNERPROGRESS']._serialized_end=232
-  _globals['_LEARNERSERVICE']._serialized_start=235
-  _globals['_LEARNERSERVICE']._serialized_end=399
+  _globals['_LEARNERSERVICE']._serialized_start=69
+  _globals['_LEARNERSERVICE']._serialized_end=221
 # @@protoc_insertion_point(module_scope)

@@ -4,7 +4,6 @@ import grpc
 import warnings
 
 from asyncopd.v1 import common_pb2 as asyncopd_dot_v1_dot_common__pb2
-from asyncopd.v1 import learner_pb2 as asyncopd_dot_v1_dot_learner__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -27,7 +26,8 @@ if _version_not_supported:
 
 
 class LearnerServiceStub:
-    """Missing associated documentation comment in .proto file."""
+    """Job progress (step, loss, KL, drops) is the coordinator's REST API (GET /v1/jobs/{id}).
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -40,15 +40,16 @@ class LearnerServiceStub:
                 request_serializer=asyncopd_dot_v1_dot_common__pb2.GetStatusRequest.SerializeToString,
                 response_deserializer=asyncopd_dot_v1_dot_common__pb2.ServiceStatus.FromString,
                 _registered_method=True)
-        self.GetProgress = channel.unary_unary(
-                '/asyncopd.v1.LearnerService/GetProgress',
-                request_serializer=asyncopd_dot_v1_dot_common__pb2.GetStatusRequest.SerializeToString,
-                response_deserializer=asyncopd_dot_v1_dot_learner__pb2.LearnerProgress.FromString,
+        self.Drain = channel.unary_unary(
+                '/asyncopd.v1.LearnerService/Drain',
+                request_serializer=asyncopd_dot_v1_dot_common__pb2.DrainRequest.SerializeToString,
+                response_deserializer=asyncopd_dot_v1_dot_common__pb2.DrainResponse.FromString,
                 _registered_method=True)
 
 
 class LearnerServiceServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Job progress (step, loss, KL, drops) is the coordinator's REST API (GET /v1/jobs/{id}).
+    """
 
     def GetStatus(self, request, context):
         """Missing associated documentation comment in .proto file."""
@@ -56,7 +57,7 @@ class LearnerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def GetProgress(self, request, context):
+    def Drain(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -70,10 +71,10 @@ def add_LearnerServiceServicer_to_server(servicer, server):
                     request_deserializer=asyncopd_dot_v1_dot_common__pb2.GetStatusRequest.FromString,
                     response_serializer=asyncopd_dot_v1_dot_common__pb2.ServiceStatus.SerializeToString,
             ),
-            'GetProgress': grpc.unary_unary_rpc_method_handler(
-                    servicer.GetProgress,
-                    request_deserializer=asyncopd_dot_v1_dot_common__pb2.GetStatusRequest.FromString,
-                    response_serializer=asyncopd_dot_v1_dot_learner__pb2.LearnerProgress.SerializeToString,
+            'Drain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Drain,
+                    request_deserializer=asyncopd_dot_v1_dot_common__pb2.DrainRequest.FromString,
+                    response_serializer=asyncopd_dot_v1_dot_common__pb2.DrainResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -84,7 +85,8 @@ def add_LearnerServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class LearnerService:
-    """Missing associated documentation comment in .proto file."""
+    """Job progress (step, loss, KL, drops) is the coordinator's REST API (GET /v1/jobs/{id}).
+    """
 
     @staticmethod
     def GetStatus(request,
@@ -114,7 +116,7 @@ class LearnerService:
             _registered_method=True)
 
     @staticmethod
-    def GetProgress(request,
+    def Drain(request,
             target,
             options=(),
             channel_credentials=None,
@@ -127,9 +129,9 @@ class LearnerService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/asyncopd.v1.LearnerService/GetProgress',
-            asyncopd_dot_v1_dot_common__pb2.GetStatusRequest.SerializeToString,
-            asyncopd_dot_v1_dot_learner__pb2.LearnerProgress.FromString,
+            '/asyncopd.v1.LearnerService/Drain',
+            asyncopd_dot_v1_dot_common__pb2.DrainRequest.SerializeToString,
+            asyncopd_dot_v1_dot_common__pb2.DrainResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -25,19 +25,13 @@ _sym_db = _symbol_database.Default()
 from asyncopd.v1 import common_pb2 as asyncopd_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61syncopd/v1/rollout.proto\x12\x0b\x61syncopd.v1\x1a\x18\x61syncopd/v1/common.proto\"m\n\x0fGenerateRequest\x12\x18\n\x10prompt_token_ids\x18\x01 \x03(\x05\x12\t\n\x01n\x18\x02 \x01(\x05\x12\x12\n\nmax_tokens\x18\x03 \x01(\x05\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\x0c\n\x04seed\x18\x05 \x01(\x03\"`\n\nCompletion\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12\x16\n\x0epolicy_version\x18\x03 \x01(\x03\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\"@\n\x10GenerateResponse\x12,\n\x0b\x63ompletions\x18\x01 \x03(\x0b\x32\x17.asyncopd.v1.Completion2\xab\x02\n\x0eRolloutService\x12G\n\x08Generate\x12\x1c.asyncopd.v1.GenerateRequest\x1a\x1d.asyncopd.v1.GenerateResponse\x12\x46\n\tGetStatus\x12\x1d.asyncopd.v1.GetStatusRequest\x1a\x1a.asyncopd.v1.ServiceStatus\x12>\n\x05\x44rain\x12\x19.asyncopd.v1.DrainRequest\x1a\x1a.asyncopd.v1.DrainResponse\x12H\n\rUpdateWeights\x12\x19.asyncopd.v1.WeightUpdate\x1a\x1c.asyncopd.v1.WeightUpdateAckb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61syncopd/v1/rollout.proto\x12\x0b\x61syncopd.v1\x1a\x18\x61syncopd/v1/common.proto2\x98\x01\n\x0eRolloutService\x12\x46\n\tGetStatus\x12\x1d.asyncopd.v1.GetStatusRequest\x1a\x1a.asyncopd.v1.ServiceStatus\x12>\n\x05\x44rain\x12\x19.asyncopd.v1.DrainRequest\x1a\x1a.asyncopd.v1.DrainResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'asyncopd.v1.rollout_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GENERATEREQUEST']._serialized_start=68
-  _globals['_GENERATEREQUEST']._serialized_end=177
-  _globals['_COMPLETION']._serialized_start=179
-  _globals['_COMPLETION']._serialized_end=275
-  _globals['_GENERATERESPONSE']._serialized_start=277
-  _globals['_GENERATERESPONSE']._serialized_end=341
-  _globals['_ROLLOUTSERVICE']._serialized_start=344
-  _globals['_ROLLOUTSERVICE']._serialized_end=643
+  _globals['_ROLLOUTSERVICE']._serialized_start=69
+  _globals['_ROLLOUTSERVICE']._serialized_end=221
 # @@protoc_insertion_point(module_scope)

@@ -4,7 +4,6 @@ import grpc
 import warnings
 
 from asyncopd.v1 import common_pb2 as asyncopd_dot_v1_dot_common__pb2
-from asyncopd.v1 import rollout_pb2 as asyncopd_dot_v1_dot_rollout__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -27,8 +26,8 @@ if _version_not_supported:
 
 
 class RolloutServiceStub:
-    """Student generation. The data path is the Redis prompts stream; these RPCs are for control, evaluation and
-    direct calls.
+    """Student generation. Its work arrives on the Redis prompts stream and new weights are found through the policy
+    head in Redis; over gRPC it only reports status and drains.
     """
 
     def __init__(self, channel):
@@ -37,11 +36,6 @@ class RolloutServiceStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.Generate = channel.unary_unary(
-                '/asyncopd.v1.RolloutService/Generate',
-                request_serializer=asyncopd_dot_v1_dot_rollout__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=asyncopd_dot_v1_dot_rollout__pb2.GenerateResponse.FromString,
-                _registered_method=True)
         self.GetStatus = channel.unary_unary(
                 '/asyncopd.v1.RolloutService/GetStatus',
                 request_serializer=asyncopd_dot_v1_dot_common__pb2.GetStatusRequest.SerializeToString,
@@ -52,23 +46,12 @@ class RolloutServiceStub:
                 request_serializer=asyncopd_dot_v1_dot_common__pb2.DrainRequest.SerializeToString,
                 response_deserializer=asyncopd_dot_v1_dot_common__pb2.DrainResponse.FromString,
                 _registered_method=True)
-        self.UpdateWeights = channel.unary_unary(
-                '/asyncopd.v1.RolloutService/UpdateWeights',
-                request_serializer=asyncopd_dot_v1_dot_common__pb2.WeightUpdate.SerializeToString,
-                response_deserializer=asyncopd_dot_v1_dot_common__pb2.WeightUpdateAck.FromString,
-                _registered_method=True)
 
 
 class RolloutServiceServicer:
-    """Student generation. The data path is the Redis prompts stream; these RPCs are for control, evaluation and
-    direct calls.
+    """Student generation. Its work arrives on the Redis prompts stream and new weights are found through the policy
+    head in Redis; over gRPC it only reports status and drains.
     """
-
-    def Generate(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
 
     def GetStatus(self, request, context):
         """Missing associated documentation comment in .proto file."""
@@ -82,21 +65,9 @@ class RolloutServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def UpdateWeights(self, request, context):
-        """Push-style weight announcement; workers also poll the version in Redis, so this is an optimisation.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
 
 def add_RolloutServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'Generate': grpc.unary_unary_rpc_method_handler(
-                    servicer.Generate,
-                    request_deserializer=asyncopd_dot_v1_dot_rollout__pb2.GenerateRequest.FromString,
-                    response_serializer=asyncopd_dot_v1_dot_rollout__pb2.GenerateResponse.SerializeToString,
-            ),
             'GetStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStatus,
                     request_deserializer=asyncopd_dot_v1_dot_common__pb2.GetStatusRequest.FromString,
@@ -107,11 +78,6 @@ def add_RolloutServiceServicer_to_server(servicer, server):
                     request_deserializer=asyncopd_dot_v1_dot_common__pb2.DrainRequest.FromString,
                     response_serializer=asyncopd_dot_v1_dot_common__pb2.DrainResponse.SerializeToString,
             ),
-            'UpdateWeights': grpc.unary_unary_rpc_method_handler(
-                    servicer.UpdateWeights,
-                    request_deserializer=asyncopd_dot_v1_dot_common__pb2.WeightUpdate.FromString,
-                    response_serializer=asyncopd_dot_v1_dot_common__pb2.WeightUpdateAck.SerializeToString,
-            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'asyncopd.v1.RolloutService', rpc_method_handlers)
@@ -121,36 +87,9 @@ def add_RolloutServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class RolloutService:
-    """Student generation. The data path is the Redis prompts stream; these RPCs are for control, evaluation and
-    direct calls.
+    """Student generation. Its work arrives on the Redis prompts stream and new weights are found through the policy
+    head in Redis; over gRPC it only reports status and drains.
     """
-
-    @staticmethod
-    def Generate(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/asyncopd.v1.RolloutService/Generate',
-            asyncopd_dot_v1_dot_rollout__pb2.GenerateRequest.SerializeToString,
-            asyncopd_dot_v1_dot_rollout__pb2.GenerateResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
 
     @staticmethod
     def GetStatus(request,
@@ -196,33 +135,6 @@ class RolloutService:
             '/asyncopd.v1.RolloutService/Drain',
             asyncopd_dot_v1_dot_common__pb2.DrainRequest.SerializeToString,
             asyncopd_dot_v1_dot_common__pb2.DrainResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def UpdateWeights(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/asyncopd.v1.RolloutService/UpdateWeights',
-            asyncopd_dot_v1_dot_common__pb2.WeightUpdate.SerializeToString,
-            asyncopd_dot_v1_dot_common__pb2.WeightUpdateAck.FromString,
             options,
             channel_credentials,
             insecure,

@@ -25,19 +25,13 @@ _sym_db = _symbol_database.Default()
 from asyncopd.v1 import common_pb2 as asyncopd_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61syncopd/v1/teacher.proto\x12\x0b\x61syncopd.v1\x1a\x18\x61syncopd/v1/common.proto\"U\n\x0cScoreRequest\x12\x18\n\x10prompt_token_ids\x18\x01 \x03(\x05\x12\x1c\n\x14\x63ompletion_token_ids\x18\x02 \x03(\x05\x12\r\n\x05top_k\x18\x03 \x01(\x05\"Q\n\rPositionScore\x12\x17\n\x0fsampled_logprob\x18\x01 \x01(\x02\x12\x10\n\x08topk_ids\x18\x02 \x03(\x05\x12\x15\n\rtopk_logprobs\x18\x03 \x03(\x02\">\n\rScoreResponse\x12-\n\tpositions\x18\x01 \x03(\x0b\x32\x1a.asyncopd.v1.PositionScore2\xd8\x01\n\x0eTeacherService\x12>\n\x05Score\x12\x19.asyncopd.v1.ScoreRequest\x1a\x1a.asyncopd.v1.ScoreResponse\x12\x46\n\tGetStatus\x12\x1d.asyncopd.v1.GetStatusRequest\x1a\x1a.asyncopd.v1.ServiceStatus\x12>\n\x05\x44rain\x12\x19.asyncopd.v1.DrainRequest\x1a\x1a.asyncopd.v1.DrainResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61syncopd/v1/teacher.proto\x12\x0b\x61syncopd.v1\x1a\x18\x61syncopd/v1/common.proto2\x98\x01\n\x0eTeacherService\x12\x46\n\tGetStatus\x12\x1d.asyncopd.v1.GetStatusRequest\x1a\x1a.asyncopd.v1.ServiceStatus\x12>\n\x05\x44rain\x12\x19.asyncopd.v1.DrainRequest\x1a\x1a.asyncopd.v1.DrainResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'asyncopd.v1.teacher_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SCOREREQUEST']._serialized_start=68
-  _globals['_SCOREREQUEST']._serialized_end=153
-  _globals['_POSITIONSCORE']._serialized_start=155
-  _globals['_POSITIONSCORE']._serialized_end=236
-  _globals['_SCORERESPONSE']._serialized_start=238
-  _globals['_SCORERESPONSE']._serialized_end=300
-  _globals['_TEACHERSERVICE']._serialized_start=303
-  _globals['_TEACHERSERVICE']._serialized_end=519
+  _globals['_TEACHERSERVICE']._serialized_start=69
+  _globals['_TEACHERSERVICE']._serialized_end=221
 # @@protoc_insertion_point(module_scope)

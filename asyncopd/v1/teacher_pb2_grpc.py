@@ -4,7 +4,6 @@ import grpc
 import warnings
 
 from asyncopd.v1 import common_pb2 as asyncopd_dot_v1_dot_common__pb2
-from asyncopd.v1 import teacher_pb2 as asyncopd_dot_v1_dot_teacher__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -27,7 +26,8 @@ if _version_not_supported:
 
 
 class TeacherServiceStub:
-    """Teacher log-prob scoring: per completion position, the sampled token's log-prob and the top-K cache.
+    """Teacher log-prob scoring. Its work arrives on the Redis rollouts stream; over gRPC it only reports status and
+    drains.
     """
 
     def __init__(self, channel):
@@ -36,11 +36,6 @@ class TeacherServiceStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.Score = channel.unary_unary(
-                '/asyncopd.v1.TeacherService/Score',
-                request_serializer=asyncopd_dot_v1_dot_teacher__pb2.ScoreRequest.SerializeToString,
-                response_deserializer=asyncopd_dot_v1_dot_teacher__pb2.ScoreResponse.FromString,
-                _registered_method=True)
         self.GetStatus = channel.unary_unary(
                 '/asyncopd.v1.TeacherService/GetStatus',
                 request_serializer=asyncopd_dot_v1_dot_common__pb2.GetStatusRequest.SerializeToString,
@@ -54,14 +49,9 @@ class TeacherServiceStub:
 
 
 class TeacherServiceServicer:
-    """Teacher log-prob scoring: per completion position, the sampled token's log-prob and the top-K cache.
+    """Teacher log-prob scoring. Its work arrives on the Redis rollouts stream; over gRPC it only reports status and
+    drains.
     """
-
-    def Score(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
 
     def GetStatus(self, request, context):
         """Missing associated documentation comment in .proto file."""
@@ -78,11 +68,6 @@ class TeacherServiceServicer:
 
 def add_TeacherServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'Score': grpc.unary_unary_rpc_method_handler(
-                    servicer.Score,
-                    request_deserializer=asyncopd_dot_v1_dot_teacher__pb2.ScoreRequest.FromString,
-                    response_serializer=asyncopd_dot_v1_dot_teacher__pb2.ScoreResponse.SerializeToString,
-            ),
             'GetStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStatus,
                     request_deserializer=asyncopd_dot_v1_dot_common__pb2.GetStatusRequest.FromString,
@@ -102,35 +87,9 @@ def add_TeacherServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class TeacherService:
-    """Teacher log-prob scoring: per completion position, the sampled token's log-prob and the top-K cache.
+    """Teacher log-prob scoring. Its work arrives on the Redis rollouts stream; over gRPC it only reports status and
+    drains.
     """
-
-    @staticmethod
-    def Score(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/asyncopd.v1.TeacherService/Score',
-            asyncopd_dot_v1_dot_teacher__pb2.ScoreRequest.SerializeToString,
-            asyncopd_dot_v1_dot_teacher__pb2.ScoreResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
 
     @staticmethod
     def GetStatus(request,

@@ -11,6 +11,13 @@ class CoordinatorSettings(ServiceSettings):
     http_host: str = Field("127.0.0.1", description="REST API bind address.")
     http_port: int = Field(8000, ge=0, le=65535, description="REST API port (also serves /metrics).")
     api_token: str | None = Field(None, description="If set, /v1/* requires `Authorization: Bearer <token>`.")
+    max_body_bytes: int = Field(256 << 10, ge=1024, le=64 << 20, description="Largest request body accepted; "
+                                "larger ones are refused with 413 before they are read.")
+    output_roots: list[Path] = Field(default_factory=list, description="Directories job outputs may be written "
+                                     "under (a job's output_dir must lie inside one); empty: <data_dir>/jobs.")
+    max_model_len: int = Field(1024, gt=0, description="Longest prompt + completion the rollout and teacher engines "
+                               "accept (their ASYNCOPD_MAX_MODEL_LEN): a job with a longer prompt fails at start, "
+                               "naming the line.")
     pool_backend: str = Field("local", pattern="^(local|kubernetes)$",
                               description="How the rollout pool scales: local processes or a k8s Deployment.")
     rollout_replicas: int = Field(1, ge=0, le=1024, description="Rollout workers started with the local backend.")

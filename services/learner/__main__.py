@@ -54,23 +54,33 @@ class FollowerEndpoints:
 
 
 def main() -> None:
-    from asyncopd.logs import setup_logging
+    from asyncopd.logs import adopt_library_loggers, setup_logging
     from services.learner.settings import LearnerSettings
 
     settings = LearnerSettings()
-    setup_logging(settings.log_level, "learner")
+    setup_logging(settings.log_level, "learner", settings.instance, settings.log_format)
 
     # Before joining: the rendezvous may wait for slow pods, and the probes must pass meanwhile.
     endpoints = None
     if os.environ.get("RANK", "0") != "0" and os.environ.get("LOCAL_RANK", "0") == "0":
         endpoints = FollowerEndpoints(settings.grpc_port, settings.metrics_port)
 
+    runtime = None
+    if os.environ.get("RANK", "0") == "0":
+        from asyncopd.runtime import ServiceRuntime
+
+        runtime = ServiceRuntime("learner", SERVICE_NAME, settings)
+        runtime.handle_signals()  # a SIGTERM while the group forms and the modules load drains, not kills
+
     import torch.distributed as dist
 
-    from services.learner.service import Comm
-    from services.learner.trainer import init_distributed
+    from services.learner.distributed import init_distributed
+    from services.learner.ranks import RankDriver, follow
 
     init_distributed(settings)
+    import transformers  # noqa: F401  (now, not at the first job: its console handler is rerouted below)
+
+    adopt_library_loggers()  # torch, DeepSpeed and transformers log through the root handler from here on
     if dist.get_rank() != 0:
         import signal
 
@@ -79,21 +89,18 @@ def main() -> None:
         if endpoints is not None:
             endpoints.joined()
         try:
-            Comm.follow(settings)
+            follow(settings)
         finally:
             if endpoints is not None:
                 endpoints.close()
         return
 
-    from asyncopd.runtime import ServiceRuntime
     from asyncopd.v1 import learner_pb2_grpc
-    from services.learner.grpc_api import LearnerServicer
     from services.learner.service import Learner
 
-    runtime = ServiceRuntime("learner", SERVICE_NAME, settings)
-    learner = Learner(settings, runtime, Comm())
-    runtime.start(lambda server: learner_pb2_grpc.add_LearnerServiceServicer_to_server(
-        LearnerServicer(runtime, learner), server))
+    assert runtime is not None, "rank 0 without RANK=0 in its environment"
+    learner = Learner(settings, runtime, RankDriver(settings))
+    runtime.start(learner_pb2_grpc.add_LearnerServiceServicer_to_server)
     try:
         learner.run()
     finally:

@@ -8,9 +8,12 @@ STEP_SECONDS = Histogram("asyncopd_learner_step_seconds", "Forward + backward + 
 WAIT_SECONDS = Histogram("asyncopd_learner_wait_seconds", "Time waiting for a batch to be complete.")
 PUBLISH_SECONDS = Histogram("asyncopd_weight_publish_seconds", "Time to write and announce a policy version.")
 LOSS = Gauge("asyncopd_learner_loss", "Objective value of the last step (token mean).")
-KL = Gauge("asyncopd_learner_kl", "KL estimate of the last step (sampled reverse KL, token mean).")
+KL = Gauge("asyncopd_learner_kl", "Sampled KL(behaviour policy || teacher) of the last batch, token mean: the policy "
+           "that generated the batch, not the trained one.")
 VERSION = Gauge("asyncopd_policy_version", "Policy version last published.")
 STEP = Gauge("asyncopd_job_step", "Steps completed in the active job.")
 OBJECTIVE = Gauge("asyncopd_learner_objective", "Objective diagnostics of the last step (KL estimate, "
-                  "importance-ratio mean/max, fraction clipped).", ["metric"])
+                  "importance-ratio mean/max, fraction clipped, student entropy, leaked mass).", ["metric"])
 EVAL = Gauge("asyncopd_learner_eval", "Held-out evaluation of the last evaluated version.", ["metric"])
+DUPLICATES = Counter("asyncopd_samples_duplicate_total", "Samples that reached the learner more than once (a worker "
+                     "resumed after its entries were reclaimed made them again): wasted work, never trained twice.")

@@ -1,220 +1,115 @@
-"""The learner's job loop (rank 0) and the follower loop of the other ranks.
+"""The learner's job loop on rank 0.
 
 Per step t: wait until batch t is complete, drop samples over the staleness budget (the hard filter;
-admission control should leave none), train, publish version t+1, record the step. Entries are acked when
-the step that trained them is checkpointed, so a restart resumes from the checkpoint and replays them.
+admission control should leave none), train on every rank, publish version t+1, record the step. Entries
+are acked when the step that trained them is checkpointed, so a restart resumes from the checkpoint and
+replays them.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 
-import torch.distributed as dist
+import redis
 
-from asyncopd import phases, state
+from asyncopd import logs, phases, state
+from asyncopd.records import CompletedEvent, FailedEvent
 from asyncopd.runtime import ServiceRuntime
-from services.learner import metrics
 from services.learner.batches import BatchAssembler
+from services.learner.evaluation import HeldoutEval
+from services.learner.ranks import RankDriver
+from services.learner.recorder import Recorder, step_record
 from services.learner.settings import LearnerSettings
-from services.learner.trainer import Trainer, staleness_tally
 
 log = logging.getLogger(__name__)
 
 
-class Comm:
-    """Rank 0 calls trainer methods through `call`, which replays them on every other rank first."""
-
-    def __init__(self) -> None:
-        self.world = dist.get_world_size()
-        self.trainer: Trainer | None = None
-
-    def _send(self, message) -> None:
-        if self.world > 1:
-            dist.broadcast_object_list([message], src=0)
-
-    def start(self, job: state.ActiveJob, settings: LearnerSettings) -> Trainer:
-        self._send(("start", job))
-        self.trainer = Trainer(job, settings)
-        return self.trainer
-
-    def call(self, method: str, *args):
-        self._send(("call", method, args))
-        return getattr(self.trainer, method)(*args)
-
-    def end(self) -> None:
-        self._send(("end",))
-        self.trainer = None
-
-    def shutdown(self) -> None:
-        self._send(("shutdown",))
-
-    @staticmethod
-    def follow(settings: LearnerSettings) -> None:
-        trainer = None
-        while True:
-            box = [None]
-            dist.broadcast_object_list(box, src=0)
-            message = box[0]
-            if message[0] == "start":
-                trainer = Trainer(message[1], settings)
-            elif message[0] == "call":
-                getattr(trainer, message[1])(*message[2])
-            elif message[0] == "end":
-                trainer = None
-            else:
-                return
-
-
 class Learner:
-    def __init__(self, settings: LearnerSettings, runtime: ServiceRuntime, comm: Comm) -> None:
-        self.settings, self.rt, self.r, self.comm = settings, runtime, runtime.redis, comm
+    def __init__(self, settings: LearnerSettings, runtime: ServiceRuntime, driver: RankDriver) -> None:
+        self.settings, self.rt, self.r, self.driver = settings, runtime, runtime.redis, driver
         self.finished_job: str | None = None  # done (or failed) here; active until the coordinator notices
-        self.progress: dict = {}
 
     def run(self) -> None:
         while not self.rt.stop.is_set():
-            job = state.active_job(self.r)
+            try:
+                job = state.active_job(self.r)
+            except redis.ConnectionError:  # longer than redis_outage_s: keep trying
+                log.warning("redis unreachable for longer than %.0f s; still retrying", self.settings.redis_outage_s)
+                self.rt.stop.wait(self.settings.poll_interval_s)
+                continue
             if job is None or job.id == self.finished_job:
                 self.rt.stop.wait(self.settings.poll_interval_s)
                 continue
             try:
-                self.train(job)
+                with logs.bind(job_id=job.id):
+                    self.train(job)
                 self.finished_job = job.id
             except Exception as exc:
                 log.exception("job %s failed in the learner", job.id)
-                state.report_event(self.r, job.id, "failed", "learner", reason=f"learner: {exc}")
+                state.add_event(self.r, FailedEvent(job_id=job.id, service="learner", reason=f"learner: {exc}"))
                 self.finished_job = job.id
             finally:
-                if self.comm.trainer is not None:
-                    self.comm.end()
+                self.driver.end()
                 self.rt.set_model_loaded(False)
-        self.comm.shutdown()
+        self.driver.shutdown()
+
+    def train(self, job: state.ActiveJob) -> None:
+        spec = job.spec
+        trainer = self.driver.start(job)
+        self.rt.set_model_loaded(True, job.id)
+        lineage = self.begin_lineage(job, trainer.version)
+        recorder = Recorder(self.r, job, self.rt, resumed_at=trainer.version)
+        source = BatchAssembler(self.r, self.settings.consumer, job.id, spec.samples_per_step(),
+                                self.settings.read_count, self.settings.max_deliveries, trainer.version)
+        evaluator = HeldoutEval.for_job(spec, job.output_dir)
+        if evaluator and trainer.version == 0:
+            recorder.evaluation(evaluator.run(0, spec.student.model))
+        for t in range(trainer.version, spec.train.steps):
+            logs.set_context(step=t + 1)  # the step in progress, as its record will number it
+            batch = source.next(t, spec.max_staleness, lambda: self.still_active(job))
+            if batch is None:
+                log.info("job %s is no longer active; stopping at step %d", job.id, t)
+                return
+            with phases.timed(phases.ENGINE):
+                result = self.driver.step(batch.fresh)
+                self.pad_step(result.step_s)
+            path, publish_s = self.publish(job, trainer.version, lineage)
+            recorder.step(step_record(batch, result, trainer.version, publish_s))
+            if evaluator and evaluator.due(trainer.version):
+                recorder.evaluation(evaluator.run(trainer.version, path))
+            if trainer.version % spec.train.checkpoint_every == 0 or trainer.version == spec.train.steps:
+                with phases.timed(phases.CHECKPOINT):
+                    self.driver.checkpoint()
+                source.ack(checkpointed=trainer.version)
+        result_dir = self.driver.export()
+        recorder.close()
+        state.add_event(self.r, CompletedEvent(job_id=job.id, service="learner", result_dir=str(result_dir)))
+        log.info("job %s done: %d steps, student at %s", job.id, spec.train.steps, result_dir)
+
+    def begin_lineage(self, job: state.ActiveJob, version: int) -> int:
+        """A restarted learner resumes from its checkpoint: the versions it had published after that are
+        discarded weights. It republishes its checkpoint as the head of a new lineage, which rollouts follow
+        back; the samples the discarded versions made are kept within the budget (`batches.trainable`)."""
+        lineage = state.new_lineage(self.r, job.id)
+        if lineage > 1:
+            self.publish(job, version, lineage)
+            log.info("job %s: learner restarted, lineage %d from version %d", job.id, lineage, version)
+        return lineage
+
+    def publish(self, job: state.ActiveJob, version: int, lineage: int) -> tuple[str, float]:
+        t0 = time.perf_counter()
+        with phases.timed(phases.WEIGHTS):
+            path = self.driver.publish()
+            state.publish_version(self.r, job.id, version, path, lineage)
+        return path, time.perf_counter() - t0
+
+    def pad_step(self, step_s: float) -> None:
+        """The benchmark instrument `synthetic_step_s`: a step at least this long (a bigger model's step)."""
+        if self.settings.synthetic_step_s > step_s:
+            time.sleep(self.settings.synthetic_step_s - step_s)
 
     @phases.timed(phases.REDIS)
     def still_active(self, job: state.ActiveJob) -> bool:
         current = state.active_job(self.r, known=job)
         return current is not None and current.id == job.id and not self.rt.stop.is_set()
-
-    def train(self, job: state.ActiveJob) -> None:
-        spec = job.spec
-        trainer = self.comm.start(job, self.settings)
-        self.rt.set_model_loaded(True, job.id)
-        metrics.OBJECTIVE.clear()  # the previous job's objective may have reported other metric names
-        # Records past the checkpoint we resumed from are about to be trained again.
-        if trainer.version:
-            self.r.ltrim(state.steps_key(job.id), 0, trainer.version - 1)
-        else:
-            self.r.delete(state.steps_key(job.id), state.evals_key(job.id))
-        # A restarted learner resumes from its checkpoint: the versions it had published after that are
-        # discarded weights. It republishes its checkpoint as the head of a new lineage (rollouts follow it
-        # back) and drops samples generated by the discarded versions.
-        lineage, resumed_at = state.new_lineage(self.r, job.id), trainer.version
-        if lineage > 1:
-            state.publish_version(self.r, job.id, trainer.version, self.comm.call("publish"), lineage)
-            log.info("job %s: learner restarted, lineage %d from version %d", job.id, lineage, resumed_at)
-        assembler = BatchAssembler(self.r, self.settings.consumer, job.id, spec.samples_per_step(),
-                                   self.settings.read_count, self.settings.max_deliveries)
-        unacked: list[str] = []
-        records = open_records(job)
-        self.progress = {"job_id": job.id, "step": trainer.version, "policy_version": trainer.version}
-        evaluator = HeldoutEval(self.r, job) if spec.eval.every else None
-        if evaluator and trainer.version == 0:
-            evaluator.run(0, spec.student.model)
-        for t in range(trainer.version, spec.train.steps):
-            t_wait = time.perf_counter()
-            while not assembler.complete(t):
-                if not self.still_active(job):
-                    log.info("job %s is no longer active; stopping at step %d", job.id, t)
-                    return
-                assembler.poll(t, block_ms=500)
-            wait_s = time.perf_counter() - t_wait
-            metrics.WAIT_SECONDS.observe(wait_s)
-            items = assembler.take(t)
-            entries = [e for _, e in items]
-            fresh = [e for e in entries if 0 <= t - e.policy_version <= spec.max_staleness
-                     and (e.lineage == lineage or e.policy_version <= resumed_at)]
-            dropped = len(entries) - len(fresh)
-            for e in fresh:
-                metrics.STALENESS.observe(t - e.policy_version)
-            with phases.timed(phases.ENGINE):
-                # an all-stale batch still advances the schedule, with no update applied
-                result = self.comm.call("step", fresh) if fresh else self.comm.call("skip")
-            t_pub = time.perf_counter()
-            with phases.timed(phases.WEIGHTS):
-                path = self.comm.call("publish")
-                state.publish_version(self.r, job.id, trainer.version, path, lineage)
-            publish_s = time.perf_counter() - t_pub
-            record = {
-                "step": t + 1, "version": trainer.version, "samples": len(fresh), "dropped_stale": dropped,
-                "lost": assembler.lost(t), "staleness": staleness_tally(fresh, t),
-                "max_staleness": max((t - e.policy_version for e in fresh), default=0),
-                "mean_staleness": sum(t - e.policy_version for e in fresh) / max(len(fresh), 1),
-                "wait_s": round(wait_s, 4), "publish_s": round(publish_s, 4), "time": time.time(), **result,
-            }
-            with phases.timed(phases.REDIS):
-                self.r.rpush(state.steps_key(job.id), json.dumps(record))
-                records.write(json.dumps(record) + "\n")
-                records.flush()
-            self._observe(record)
-            if evaluator and (trainer.version % spec.eval.every == 0 or trainer.version == spec.train.steps):
-                with phases.timed(phases.EVAL):
-                    evaluator.run(trainer.version, path)
-            unacked += [m.id for m, _ in items]
-            if trainer.version % spec.train.checkpoint_every == 0 or trainer.version == spec.train.steps:
-                with phases.timed(phases.CHECKPOINT):
-                    self.comm.call("checkpoint")
-                assembler.ack(unacked)
-                unacked = []
-        result_dir = self.comm.call("export")
-        records.close()
-        state.report_event(self.r, job.id, "completed", "learner", result_dir=str(result_dir))
-        log.info("job %s done: %d steps, student at %s", job.id, spec.train.steps, result_dir)
-
-    def _observe(self, record: dict) -> None:
-        metrics.TRAINED.inc(record["samples"])
-        metrics.DROPPED_STALE.inc(record["dropped_stale"])
-        metrics.STEP_SECONDS.observe(record["step_s"])
-        metrics.PUBLISH_SECONDS.observe(record["publish_s"])
-        metrics.LOSS.set(record["loss"])
-        metrics.KL.set(record["kl"])
-        metrics.VERSION.set(record["version"])
-        metrics.STEP.set(record["step"])
-        for name, value in record.get("objective", {}).items():
-            metrics.OBJECTIVE.labels(name).set(value)
-        self.rt.info["policy_version"] = record["version"]
-        self.rt.info["processed"] += record["samples"]
-        self.progress.update(step=record["step"], policy_version=record["version"], last_loss=record["loss"],
-                             last_kl=record["kl"])
-
-
-class HeldoutEval:
-    """Held-out accuracy and KL to the teacher of published versions, recorded in the job's results."""
-
-    def __init__(self, r, job: state.ActiveJob) -> None:
-        from asyncopd.ml.evaluate import Evaluator, read_rows
-
-        spec = job.spec
-        self.r, self.job = r, job
-        rows = read_rows(spec.prompts.heldout_path, spec.prompts.heldout_limit)
-        self.evaluator = Evaluator(spec.teacher.model, rows, max_tokens=spec.generation.max_tokens,
-                                   seed=spec.train.seed, with_kl=spec.eval.kl)
-
-    def run(self, version: int, model_dir: str) -> None:
-        t0 = time.perf_counter()
-        scores = self.evaluator.evaluate(model_dir)
-        result = {"step": version, **scores, "eval_s": round(time.perf_counter() - t0, 3), "time": time.time()}
-        self.r.rpush(state.evals_key(self.job.id), json.dumps(result))
-        for name in ("accuracy", "kl_to_teacher"):
-            if result.get(name) is not None:
-                metrics.EVAL.labels(name).set(result[name])
-        log.info("job %s eval at version %d: %s", self.job.id, version, result)
-
-
-def open_records(job: state.ActiveJob):
-    from pathlib import Path
-
-    out = Path(job.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    return open(out / "steps.jsonl", "a")

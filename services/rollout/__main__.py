@@ -6,17 +6,15 @@ def main() -> None:
     from services.rollout.settings import RolloutSettings
 
     settings = RolloutSettings()
-    setup_logging(settings.log_level, "rollout")
+    setup_logging(settings.log_level, "rollout", settings.instance, settings.log_format)
 
     from asyncopd.runtime import ServiceRuntime
     from asyncopd.v1 import rollout_pb2_grpc
-    from services.rollout.grpc_api import RolloutServicer
     from services.rollout.worker import RolloutWorker
 
     runtime = ServiceRuntime("rollout", "asyncopd.v1.RolloutService", settings)
     worker = RolloutWorker(settings, runtime)
-    runtime.start(lambda server: rollout_pb2_grpc.add_RolloutServiceServicer_to_server(
-        RolloutServicer(runtime, worker), server))
+    runtime.start(rollout_pb2_grpc.add_RolloutServiceServicer_to_server)
     try:
         worker.run()
     finally:

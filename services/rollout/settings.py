@@ -1,9 +1,9 @@
 from pydantic import Field
 
-from asyncopd.settings import EngineSettings
+from asyncopd.settings import EngineSettings, WeightsTransportSettings
 
 
-class RolloutSettings(EngineSettings):
+class RolloutSettings(EngineSettings, WeightsTransportSettings):
     """Rollout worker: student generation. Env prefix ASYNCOPD_ (Helm: rollout.config)."""
 
     max_batch_prompts: int = Field(16, ge=1, description="Prompt entries generated together per engine call.")

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
-from asyncopd import phases, state, streams
+from asyncopd import phases, streams
 from asyncopd.ml.engine_service import EngineService
+from asyncopd.ml.engines import Completion
+from asyncopd.ml.weights.follow import Follower
+from asyncopd.ml.weights.transports import setup_follower
 from asyncopd.streams import PromptEntry, RolloutEntry
 from services.rollout import metrics
 from services.rollout.settings import RolloutSettings
@@ -18,11 +22,14 @@ from services.rollout.settings import RolloutSettings
 log = logging.getLogger(__name__)
 
 
-def needs_reload(loaded: tuple[int, int], head: tuple[int, int], fence: int, lag: int) -> bool:
-    """Whether to load the newest published (lineage, version) before generating a batch fenced at `fence`."""
-    if head[0] != loaded[0] or head[1] < loaded[1]:
-        return True  # a restarted learner's new lineage: its head may lie behind what is loaded
-    return head[1] > loaded[1] and (loaded[1] < fence or head[1] - loaded[1] > lag)
+@dataclass(frozen=True)
+class Sample:
+    """The `index`-th completion of a prompt entry."""
+
+    entry: PromptEntry
+    prompt_ids: list[int]
+    index: int
+    completion: Completion
 
 
 class RolloutWorker(EngineService):
@@ -38,30 +45,23 @@ class RolloutWorker(EngineService):
         return job.spec.student.model
 
     def load(self, job) -> bool:
-        self.lineage = 0  # the job's initial student until the learner publishes
+        # A fresh follower per job: lineage 0 (the job's initial student) and no cached delta base.
+        transport = setup_follower(self.settings.weights_transport, redis=self.r, job_id=job.id)
+        self.follower = Follower(self.r, job.id, transport, reload_lag=self.reload_lag, wait_s=self.weight_wait_s,
+                                 stop=self.rt.stop, on_load=self._loaded)
         return super().load(job)
+
+    @property
+    def lineage(self) -> int:
+        return self.follower.lineage
+
+    def _loaded(self, version: int) -> None:
+        self.rt.info.policy_version = version
 
     def sync_weights(self, at_least: int) -> None:
         """Follow the learner's newest published (lineage, version) — backwards too, after a learner restart —
-        and wait until the version reaches `at_least` (the entry's fence)."""
-        deadline = time.monotonic() + self.weight_wait_s
-        while True:
-            with phases.timed(phases.REDIS):
-                lineage, version, path = state.policy_head(self.r, self.job.id)
-            if path and needs_reload((self.lineage, self.engine.version), (lineage, version), at_least,
-                                     self.reload_lag):
-                t0 = time.perf_counter()
-                with phases.timed(phases.WEIGHTS):
-                    self.engine.load_weights(path, version)
-                self.lineage = lineage
-                metrics.RELOAD_SECONDS.observe(time.perf_counter() - t0)
-                self.rt.info["policy_version"] = version
-            if self.engine.version >= at_least:
-                return
-            if time.monotonic() > deadline or self.rt.stop.is_set():
-                raise TimeoutError(f"policy version {at_least} not published within {self.weight_wait_s}s")
-            with phases.timed(phases.IDLE):
-                time.sleep(0.01)
+        and wait until the version reaches `at_least` (the entry's fence): `asyncopd.ml.weights.follow`."""
+        self.follower.sync(self.engine, at_least)
 
     def render(self, entry: PromptEntry) -> list[int]:
         if entry.messages is not None:
@@ -69,16 +69,45 @@ class RolloutWorker(EngineService):
                                                       return_dict=False)
         return self.tokenizer(entry.prompt)["input_ids"]
 
-    def monte_carlo(self, samples: list, temperature: float) -> list[dict]:
+    def monte_carlo(self, samples: list[Sample], temperature: float) -> list[dict]:
         """For reverse_kl_mc: extra tokens per position drawn from this same policy, with their log-probs."""
         m = self.job.spec.objective.mc_samples()
         if not m:
             return [{} for _ in samples]
-        drawn = self.engine.sample_positions([p for _, p, _, _ in samples], [c.token_ids for *_, c in samples], m=m,
-                                             temperature=temperature,
-                                             seeds=[e.seed * 1009 + i for e, _, i, _ in samples])
+        drawn = self.engine.sample_positions([s.prompt_ids for s in samples],
+                                             [s.completion.token_ids for s in samples], m=m, temperature=temperature,
+                                             seeds=[s.entry.seed * 1009 + s.index for s in samples])
         return [{"mc_samples": m, "mc_token_ids": [t for row in ids for t in row],
                  "mc_behavior_logprobs": [v for row in lps for v in row]} for ids, lps in drawn]
+
+    def generate(self, rendered: list, first: PromptEntry, top_k: int) -> tuple[list, list]:
+        """One engine call for the batch; (entries kept, their completions). When the engine rejects the batch,
+        each entry is tried alone: those it rejects while others pass (a prompt over max_model_len) are
+        dead-lettered one by one, so one bad entry never sinks its batch. If every one fails the engine itself is
+        at fault: the error propagates and the entries stay pending, to be redelivered."""
+        def call(batch):
+            return self.engine.generate([ids for _, _, ids in batch], n=first.n, max_tokens=first.max_tokens,
+                                        temperature=first.temperature, seeds=[e.seed for _, e, _ in batch],
+                                        top_k=top_k)
+
+        try:
+            return rendered, call(rendered)
+        except Exception:
+            if len(rendered) == 1:
+                raise
+            log.warning("the engine rejected a batch of %d prompts; trying each alone", len(rendered), exc_info=True)
+        kept, results, rejected = [], [], []
+        for item in rendered:
+            try:
+                results.append(call([item])[0])
+                kept.append(item)
+            except Exception as exc:
+                rejected.append((item, exc))
+        if not kept:
+            raise rejected[-1][1]
+        for (msg, entry, _), exc in rejected:
+            self.consumer.dead_letter(msg, f"the engine rejected the prompt: {exc}", entry)
+        return kept, results
 
     def handle(self, work):
         self.sync_weights(max(e.min_version for _, e in work))
@@ -99,23 +128,22 @@ class RolloutWorker(EngineService):
         spec = self.job.spec
         top_k = spec.scoring.top_k if spec.objective.needs_student_topk() else 0
         with phases.timed(phases.ENGINE):
-            results = self.engine.generate([ids for _, _, ids in rendered], n=first.n, max_tokens=first.max_tokens,
-                                           temperature=first.temperature, seeds=[e.seed for _, e, _ in rendered],
-                                           top_k=top_k)
+            rendered, results = self.generate(rendered, first, top_k)
             metrics.GENERATE_SECONDS.observe(time.perf_counter() - t0)
-            samples = [(entry, prompt_ids, i, c)
+            samples = [Sample(entry, prompt_ids, i, c)
                        for (_, entry, prompt_ids), completions in zip(rendered, results, strict=True)
                        for i, c in enumerate(completions)]
             extras = self.monte_carlo(samples, first.temperature)
         with phases.timed(phases.SERIALIZE):
-            out = [RolloutEntry(job_id=entry.job_id, batch=entry.batch, sample_id=f"{entry.prompt_id}-s{i}",
-                                prompt_token_ids=prompt_ids, completion_token_ids=c.token_ids,
-                                behavior_logprobs=c.logprobs, policy_version=self.engine.version,
-                                lineage=self.lineage, student_topk_ids=[t for row in c.topk_ids or [] for t in row],
-                                finish_reason=c.finish_reason, **mc)
-                   for (entry, prompt_ids, i, c), mc in zip(samples, extras, strict=True)]
+            out = [RolloutEntry(job_id=s.entry.job_id, batch=s.entry.batch, sample_id=f"{s.entry.prompt_id}-s{s.index}",
+                                prompt_token_ids=s.prompt_ids, completion_token_ids=s.completion.token_ids,
+                                behavior_logprobs=s.completion.logprobs, policy_version=self.engine.version,
+                                lineage=self.lineage,
+                                student_topk_ids=[t for row in s.completion.topk_ids or [] for t in row],
+                                finish_reason=s.completion.finish_reason, **mc)
+                   for s, mc in zip(samples, extras, strict=True)]
         # The prompts are acked in the transaction that writes their rollouts: both happen or neither does.
         streams.write(self.r, streams.ROLLOUTS, out,
                       also=lambda pipe: self.consumer.ack_in(pipe, [m.id for m, _, _ in rendered]))
-        metrics.TOKENS.inc(sum(len(c.token_ids) for *_, c in samples))
+        metrics.TOKENS.inc(sum(len(s.completion.token_ids) for s in samples))
         metrics.SAMPLES.inc(len(samples))

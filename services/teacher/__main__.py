@@ -6,17 +6,15 @@ def main() -> None:
     from services.teacher.settings import TeacherSettings
 
     settings = TeacherSettings()
-    setup_logging(settings.log_level, "teacher")
+    setup_logging(settings.log_level, "teacher", settings.instance, settings.log_format)
 
     from asyncopd.runtime import ServiceRuntime
     from asyncopd.v1 import teacher_pb2_grpc
-    from services.teacher.grpc_api import TeacherServicer
     from services.teacher.scorer import TeacherScorer
 
     runtime = ServiceRuntime("teacher", "asyncopd.v1.TeacherService", settings)
     scorer = TeacherScorer(settings, runtime)
-    runtime.start(lambda server: teacher_pb2_grpc.add_TeacherServiceServicer_to_server(
-        TeacherServicer(runtime, scorer), server))
+    runtime.start(teacher_pb2_grpc.add_TeacherServiceServicer_to_server)
     try:
         scorer.run()
     finally:

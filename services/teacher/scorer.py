@@ -1,19 +1,17 @@
-"""The teacher loop: rollouts stream → teacher prompt log-probs (sampled token + top-K) → scored stream."""
+"""The teacher loop: rollouts stream → teacher prompt log-probs (sampled token + top-K; the student's Monte
+Carlo tokens; draws from the teacher itself for forward_kl_mc) → scored stream."""
 
 from __future__ import annotations
 
 import time
-
-from prometheus_client import Counter, Histogram
+import zlib
 
 from asyncopd import phases, streams
 from asyncopd.ml.engine_service import EngineService
 from asyncopd.ml.engines import SequenceScores
 from asyncopd.streams import RolloutEntry, ScoredEntry
+from services.teacher import metrics
 from services.teacher.settings import TeacherSettings
-
-SCORE_SECONDS = Histogram("asyncopd_teacher_score_seconds", "Teacher engine time per scoring call.")
-SAMPLES = Counter("asyncopd_teacher_samples_total", "Rollouts scored and written to the scored stream.")
 
 
 class TeacherScorer(EngineService):
@@ -45,6 +43,19 @@ class TeacherScorer(EngineService):
                                                [e.completion_token_ids for e in with_mc], rows))
         return [[v for row in next(scored) for v in row] if e.mc_samples else [] for e in entries]
 
+    def sample_teacher(self, entries: list[RolloutEntry]) -> list[dict]:
+        """For forward_kl_mc: tokens drawn from the teacher's own distribution (temperature 1) at every completion
+        position, with their log-probs, flattened like mc_token_ids. Seeded from the sample id, so a redelivered
+        rollout gets the same draws."""
+        n = self.job.spec.objective.teacher_samples()
+        if not n or not entries:
+            return [{} for _ in entries]
+        drawn = self.engine.sample_positions([e.prompt_token_ids for e in entries],
+                                             [e.completion_token_ids for e in entries], m=n, temperature=1.0,
+                                             seeds=[zlib.crc32(f"{e.job_id}/{e.sample_id}".encode()) for e in entries])
+        return [{"teacher_samples": n, "teacher_sample_ids": [t for row in ids for t in row],
+                 "teacher_sample_logprobs": [v for row in lps for v in row]} for ids, lps in drawn]
+
     def handle(self, work):
         top_k = self.job.spec.scoring.top_k
         t0 = time.perf_counter()
@@ -52,17 +63,18 @@ class TeacherScorer(EngineService):
             scores = self.engine.score([e.prompt_token_ids for _, e in work],
                                        [e.completion_token_ids for _, e in work], top_k=top_k)
             mc = self.score_monte_carlo([e for _, e in work])
+            drawn = self.sample_teacher([e for _, e in work])
             # support "student": the student's top-K, scored by the teacher, in place of the teacher's own
             scores = [self.score_student_support(e, s, top_k) if e.student_topk_ids else s
                       for (_, e), s in zip(work, scores, strict=True)]
-        SCORE_SECONDS.observe(time.perf_counter() - t0)
+        metrics.SCORE_SECONDS.observe(time.perf_counter() - t0)
         with phases.timed(phases.SERIALIZE):
             out = [ScoredEntry(**entry.model_dump(), top_k=top_k, teacher_sampled_logprobs=s.sampled_logprobs,
-                               teacher_topk_ids=[i for row in s.topk_ids for i in row],
-                               teacher_topk_logprobs=[v for row in s.topk_logprobs for v in row],
-                               mc_teacher_logprobs=mc_logprobs)
-                   for (_, entry), s, mc_logprobs in zip(work, scores, mc, strict=True)]
+                               support_ids=[i for row in s.topk_ids for i in row],
+                               teacher_support_logprobs=[v for row in s.topk_logprobs for v in row],
+                               mc_teacher_logprobs=mc_logprobs, **teacher_draws)
+                   for (_, entry), s, mc_logprobs, teacher_draws in zip(work, scores, mc, drawn, strict=True)]
         # The rollouts are acked in the transaction that writes their scores: both happen or neither does.
         streams.write(self.r, streams.SCORED, out,
                       also=lambda pipe: self.consumer.ack_in(pipe, [m.id for m, _ in work]))
-        SAMPLES.inc(len(work))
+        metrics.SAMPLES.inc(len(work))

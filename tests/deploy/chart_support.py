@@ -47,6 +47,7 @@ GAUGES = {
     "asyncopd_policy_version",
     "asyncopd_jobs",
     "asyncopd_job_step",
+    "asyncopd_learner_objective",
 }
 CONTRACT_METRICS = HISTOGRAMS | COUNTERS | GAUGES
 # Series names a query may select: histograms expose _bucket/_sum/_count.

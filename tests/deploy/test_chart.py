@@ -456,7 +456,7 @@ def test_builtin_redis_keeps_an_aof_on_a_pvc_and_never_evicts(rendered):
 
 def test_redis_password_comes_from_the_secret(rendered):
     c = container(workload(rendered["keda"], "redis"))
-    assert "$(REDIS_PASSWORD)" in c["args"]
+    assert "$(REDIS_PASSWORD)" not in c["args"] and '"$REDIS_PASSWORD"' in c["command"][2]  # stdin, not argv
     assert env_of(c)["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "asyncopd-redis"
     assert env_of(c)["REDISCLI_AUTH"]["valueFrom"]["secretKeyRef"]["name"] == "asyncopd-redis"
     rollout_env = env_of(container(workload(rendered["keda"], "rollout")))

@@ -27,6 +27,7 @@ LABELS = {
     "asyncopd_dead_letter_entries_total": {"stream": ["asyncopd:job:j1:rollouts"]},
     "asyncopd_jobs": {"state": ["queued", "running", "succeeded", "failed", "cancelled"]},
     "asyncopd_phase_seconds_total": {"phase": ["engine", "redis", "serialize", "idle"]},
+    "asyncopd_learner_objective": {"metric": ["kl_estimate", "leaked_mass", "teacher_tail_mass", "student_entropy"]},
 }
 
 

@@ -28,6 +28,7 @@ SCHEMA = json.loads((chartcheck.CHART / "values.schema.json").read_text())
         ),
         (["--set", "teacher.config.dtype=fp8"], "at '/teacher/config/dtype'"),
         (["--set", "learner.config.zeroStage=4"], "at '/learner/config/zeroStage'"),
+        (["--set", "rollout.config.weightsTransport=nccl"], "at '/rollout/config/weightsTransport'"),
         (["--set", "rollout.config.gpuMemoryUtilization=1.5"], "at '/rollout/config/gpuMemoryUtilization'"),
         (["--set", "coordinator.replicaCount=2"], "at '/coordinator/replicaCount': maximum: got 2, want 1"),
         (["--set", "rollout.gpu=2"], "at '/rollout': additional properties 'gpu' not allowed"),
@@ -68,6 +69,8 @@ def test_schema_rejects_bad_values(args, message):
             "set redis.enabled=false to use the external Redis",
         ),
         (["--set", "rollout.gpus=0"], "rollout.config.device=cuda needs rollout.gpus >= 1"),
+        (["--set", "learner.config.weightsTransport=delta"],
+         "learner.config.weightsTransport=delta but rollout.config.weightsTransport=filesystem"),
         (["--set", "learner.gpus=0"], "learner.config.device=cuda needs learner.gpus >= 1"),
         (
             [

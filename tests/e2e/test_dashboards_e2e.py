@@ -43,7 +43,7 @@ def scrape_targets(info: dict) -> dict[str, list[str]]:
     r = redis.Redis.from_url(info["redis_url"], decode_responses=True)
     targets = {"coordinator": [info["api_url"].removeprefix("http://")]}  # /metrics on the REST port
     for service in ("rollout", "teacher", "learner"):
-        ports = [s["metrics_port"] for s in state.live_services(r, service) if s.get("metrics_port")]
+        ports = [s.metrics_port for s in state.live_services(r, service) if s.metrics_port]
         assert ports, f"no live {service} with a metrics port"
         targets[service] = [f"127.0.0.1:{p}" for p in ports]
     r.close()

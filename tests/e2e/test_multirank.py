@@ -4,8 +4,8 @@ import pytest
 
 from asyncopd.ports import free_port
 from asyncopd.tools import localstack
-from tests.e2e.test_pipeline import check_accounting, steps_of
-from tests.helpers import submit, tiny_job, wait_job
+from tests.helpers import check_accounting, submit, tiny_job, wait_job
+from tests.helpers import steps as steps_of
 
 pytestmark = pytest.mark.slow
 

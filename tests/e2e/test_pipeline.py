@@ -19,9 +19,11 @@ import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from asyncopd import state, streams
+from asyncopd.client import Client
 from asyncopd.ports import free_port
 from asyncopd.tools import localstack
-from tests.helpers import submit, tiny_job, wait_job
+from tests.helpers import check_accounting, kill_learner_when, submit, tiny_job, wait_job
+from tests.helpers import steps as job_steps
 
 pytestmark = pytest.mark.slow
 
@@ -36,28 +38,11 @@ def stack(request, tmp_path_factory, tiny_models):
     localstack.down(run_dir)
 
 
-def steps_of(api: str, job_id: str) -> list[dict]:
-    return httpx.get(f"{api}/v1/jobs/{job_id}/steps").json()["steps"]
-
-
-def check_accounting(job: dict, steps: list[dict], eta: int) -> None:
-    p = job["progress"]
-    assert job["state"] == "succeeded", job
-    assert p["policy_version"] == job["spec"]["train"]["steps"] == len(steps)
-    # Nothing vanished: every released sample was trained, dropped as stale, or dead-lettered.
-    trained, dropped = sum(s["samples"] for s in steps), sum(s["dropped_stale"] for s in steps)
-    assert p["samples_released"] == trained + dropped + p["samples_dead_lettered"]
-    assert trained > 0
-    for s in steps:
-        assert all(0 <= int(k) <= eta for k in s["staleness"]), s
-        assert sum(s["staleness"].values()) == s["samples"]
-
-
 @pytest.mark.parametrize("eta", [0, 2])
 def test_job_completes_within_the_staleness_budget(stack, tiny_models, eta):
     api = stack["api_url"]
     job = wait_job(api, submit(api, tiny_job(tiny_models, max_staleness=eta))["id"])
-    steps = steps_of(api, job["id"])
+    steps = job_steps(api, job["id"])
     check_accounting(job, steps, eta)
     if eta == 0:  # strict synchronous through the same path: every sample from the current version
         assert all(s["staleness"] == {"0": s["samples"]} for s in steps)
@@ -69,7 +54,7 @@ def test_chat_messages_prompts_are_rendered_with_the_chat_template(stack, tiny_m
                             for i in range(8)))
     api = stack["api_url"]
     job = wait_job(api, submit(api, tiny_job(tiny_models, prompts={"path": str(chat)}, train={"steps": 2}))["id"])
-    check_accounting(job, steps_of(api, job["id"]), 1)
+    check_accounting(job, job_steps(api, job["id"]), 1)
 
 
 def test_exported_student_loads_in_transformers_and_vllm(stack, tiny_models):
@@ -111,7 +96,7 @@ def test_malformed_stream_entries_are_dead_lettered_without_a_crash(stack, tiny_
     for stream in streams.DATA_STREAMS:
         r.xadd(stream, {"schema": "garbage/1", "body": "{"})
     job = wait_job(api, submit(api, tiny_job(tiny_models, train={"steps": 3}))["id"])
-    check_accounting(job, steps_of(api, job["id"]), 1)
+    check_accounting(job, job_steps(api, job["id"]), 1)
     dead = r.xrange(streams.DEAD_LETTER)[before:]
     assert sorted(d["stream"] for _, d in dead) == sorted(streams.DATA_STREAMS)
     pools = httpx.get(f"{api}/v1/pools").json()
@@ -135,7 +120,7 @@ def test_scaling_the_rollout_pool_mid_job_loses_nothing(stack, tiny_models):
     assert seen_two, "the second rollout worker never loaded the job's student"
     assert httpx.put(f"{api}/v1/pools/rollout", json={"replicas": 1}).json() == {"replicas": 1}
     done = wait_job(api, job["id"])
-    check_accounting(done, steps_of(api, job["id"]), 2)
+    check_accounting(done, job_steps(api, job["id"]), 2)
     assert done["progress"]["samples_dead_lettered"] == 0
 
 
@@ -146,47 +131,71 @@ def test_a_rollout_worker_killed_mid_job_loses_nothing(stack, tiny_models):
     r = redis.Redis.from_url(stack["redis_url"], decode_responses=True)
     assert httpx.put(f"{api}/v1/pools/rollout", json={"replicas": 2}).json() == {"replicas": 2}
     for _ in range(300):
-        if sum(1 for s in state.live_services(r, "rollout") if not s.get("draining")) == 2:
+        if sum(1 for s in state.live_services(r, "rollout") if not s.draining) == 2:
             break
         time.sleep(0.2)
     job = submit(api, tiny_job(tiny_models, max_staleness=2, train={"steps": 40, "checkpoint_every": 20}))
     victim = None
     for _ in range(600):
         pending = {c["name"]: c["pending"] for c in r.xinfo_consumers(streams.PROMPTS, "rollout")}
-        holders = [s for s in state.live_services(r, "rollout") if pending.get(s["instance"], 0) > 0]
+        holders = [s for s in state.live_services(r, "rollout") if pending.get(s.instance, 0) > 0]
         if holders:
             victim = holders[0]
-            os.kill(victim["pid"], signal.SIGKILL)
+            os.kill(victim.pid, signal.SIGKILL)
             break
         time.sleep(0.05)
     assert victim is not None, "no rollout worker was ever seen holding prompts"
     done = wait_job(api, job["id"])
-    check_accounting(done, steps_of(api, job["id"]), 2)
+    check_accounting(done, job_steps(api, job["id"]), 2)
     assert done["progress"]["samples_dead_lettered"] == 0
     httpx.put(f"{api}/v1/pools/rollout", json={"replicas": 1})
 
 
-def test_learner_killed_mid_job_resumes_from_its_checkpoint(stack, tiny_models):
-    """SIGKILL the learner between checkpoints, start it again: it resumes at its checkpointed version,
-    replays the samples it had not checkpointed, drops those made by the versions it discarded, and the job
-    completes with every released sample accounted for and none over the budget."""
+def test_learner_killed_three_times_including_mid_replay_loses_nothing(stack, tiny_models):
+    """SIGKILL the learner before its first checkpoint, again while it replays what it had not checkpointed,
+    and once more later: each time it resumes at its checkpointed version and replays the rest. The job
+    completes with every released sample trained or accounted for, none dead-lettered, none over the
+    budget, and the samples the discarded versions made are kept (within the budget), not dropped."""
     api = stack["api_url"]
     r = redis.Redis.from_url(stack["redis_url"], decode_responses=True)
-    job = submit(api, tiny_job(tiny_models, max_staleness=2, train={"steps": 40, "checkpoint_every": 5}))
-    for _ in range(600):
-        if httpx.get(f"{api}/v1/jobs/{job['id']}").json()["progress"]["step"] >= 8:
-            break
-        time.sleep(0.05)
-    (learner,) = state.live_services(r, "learner")
-    os.kill(learner["pid"], signal.SIGKILL)
-    killed_at = httpx.get(f"{api}/v1/jobs/{job['id']}").json()["progress"]["step"]
-    assert killed_at < 40, "the job finished before the learner could be killed"
-    localstack.restart(Path(stack["run_dir"]), "learner", stack["engine"])
+    job = submit(api, tiny_job(tiny_models, max_staleness=2, train={"steps": 40, "checkpoint_every": 10}))
+    restart = lambda: localstack.restart(Path(stack["run_dir"]), "learner", stack["engine"])  # noqa: E731
+    first = kill_learner_when(api, r, job["id"], lambda step, _: step >= 8)
+    assert first < 10, "the first kill must come before the first checkpoint"
+    restart()
+    kill_learner_when(api, r, job["id"], lambda step, lineage: lineage == 2 and 0 < step < first)
+    restart()
+    third = kill_learner_when(api, r, job["id"], lambda step, lineage: lineage == 3 and step >= 25)
+    assert third < 40, "the job finished before the third kill"
+    restart()
     done = wait_job(api, job["id"])
-    steps = steps_of(api, job["id"])
+    steps = job_steps(api, job["id"])
     check_accounting(done, steps, 2)
     assert [s["step"] for s in steps] == list(range(1, 41))
-    assert int(r.get(state.lineage_key(job["id"]))) == 2
+    assert done["progress"]["samples_dead_lettered"] == 0
+    assert done["progress"]["samples_dropped_stale"] == 0
+    assert int(r.get(state.lineage_key(job["id"]))) == 4
+
+
+def test_a_30_second_redis_outage_mid_job_is_ridden_out(stack, tiny_models):
+    """Redis stops (SIGTERM, its append-only file kept) in the middle of a job and comes back 30 s later on
+    the same port: every service retries with backoff instead of exiting, and the job completes with every
+    sample accounted for."""
+    api, run_dir = stack["api_url"], Path(stack["run_dir"])
+    job = submit(api, tiny_job(tiny_models, max_staleness=2, train={"steps": 30, "checkpoint_every": 10}))
+    with Client(api) as c:
+        for _ in range(3000):
+            if c.job(job["id"]).progress.step >= 5:
+                break
+            time.sleep(0.02)
+    info = localstack.load(run_dir)
+    os.kill(info["pids"]["redis"], signal.SIGTERM)
+    time.sleep(30)
+    localstack.restart(run_dir, "redis", stack["engine"])
+    done = wait_job(api, job["id"], timeout_s=300)
+    check_accounting(done, job_steps(api, job["id"]), 2)
+    services = {n: pid for n, pid in localstack.load(run_dir)["pids"].items() if n != "redis"}
+    assert all(localstack.pid_alive(pid) for pid in services.values()), services
 
 
 def test_grpc_health_per_service(stack):
@@ -194,7 +203,7 @@ def test_grpc_health_per_service(stack):
     teachers = state.live_services(r, "teacher")
     assert teachers
     for svc in teachers:
-        with grpc.insecure_channel(f"127.0.0.1:{svc['grpc_port']}") as ch:
+        with grpc.insecure_channel(f"127.0.0.1:{svc.grpc_port}") as ch:
             stub = health_pb2_grpc.HealthStub(ch)
             assert stub.Check(health_pb2.HealthCheckRequest(service="")).status == \
                 health_pb2.HealthCheckResponse.SERVING

@@ -7,6 +7,7 @@ import time
 
 import httpx
 import pytest
+import redis
 import yaml
 
 from asyncopd.ports import free_port
@@ -39,7 +40,10 @@ def clean(r):
     from asyncopd import state
     from services.coordinator.runner import EVENTS_GROUP
 
-    r.xgroup_create(state.EVENTS, EVENTS_GROUP, id="$", mkstream=True)
+    try:
+        r.xgroup_create(state.EVENTS, EVENTS_GROUP, id="$", mkstream=True)
+    except redis.ResponseError as exc:  # the runner saw the flush first and recreated it
+        assert "BUSYGROUP" in str(exc)
 
 
 def fields_of(resp):
@@ -64,8 +68,9 @@ def test_invalid_spec_is_422_naming_the_field(api, tiny_models, patch, field):
 
 
 def test_non_mapping_and_garbage_bodies_are_4xx(api):
-    assert httpx.post(f"{api}/v1/jobs", content=b"[1, 2]").status_code == 422
-    assert httpx.post(f"{api}/v1/jobs", content=b"{unclosed: [").status_code == 400
+    yaml_body = {"content-type": "application/yaml"}
+    assert httpx.post(f"{api}/v1/jobs", content=b"[1, 2]", headers=yaml_body).status_code == 422
+    assert httpx.post(f"{api}/v1/jobs", content=b"{unclosed: [", headers=yaml_body).status_code == 400
 
 
 def test_example_yaml_is_a_valid_body(api):
@@ -97,7 +102,7 @@ def test_jobs_queue_in_order_and_cancel(api, tiny_models):
 
 @pytest.mark.parametrize("patch,needle", [
     ({"student": {"model": "/does/not/exist"}}, "student.model: model path /does/not/exist does not exist"),
-    ({"prompts": {"path": "/nope.jsonl"}}, "prompts.path: prompt file /nope.jsonl does not exist"),
+    ({"prompts": {"path": "/nope.jsonl"}}, "prompts.path: prompt source /nope.jsonl does not exist"),
 ])
 def test_missing_paths_fail_the_job_with_a_reason(api, tiny_models, patch, needle):
     job = submit(api, tiny_job(tiny_models, **patch))
@@ -125,13 +130,70 @@ def test_malformed_prompt_lines_fail_with_line_number(api, tiny_models, tmp_path
     assert done["state"] == "failed" and "line 2" in done["reason"]
 
 
-def test_health_metrics_openapi_and_pools(api):
+def test_health_metrics_openapi_and_pools(api, redis_server):
     assert httpx.get(f"{api}/healthz").json() == {"status": "ok"}
     metrics = httpx.get(f"{api}/metrics").text
     assert "asyncopd_stream_pending_entries" in metrics and "asyncopd_jobs" in metrics
     paths = httpx.get(f"{api}/openapi.json").json()["paths"]
     for p in ("/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/cancel", "/v1/pools", "/v1/pools/rollout"):
         assert p in paths
+    from asyncopd import state
+    from asyncopd.records import Heartbeat
+
+    beat = Heartbeat(service="teacher", instance="t-1", seen=1.0, pid=4, grpc_port=1, metrics_port=2, ready=True)
+    state.heartbeat(state.connect(redis_server), beat, ttl_s=30)
     pools = httpx.get(f"{api}/v1/pools").json()
-    assert pools["rollout"]["desired"] == 0
+    assert pools["rollout"]["desired"] == 0 and pools["rollout"]["live"] == 0
+    assert pools["teacher"]["live"] == 1 and pools["teacher"]["instances"][0]["instance"] == "t-1"
     assert httpx.put(f"{api}/v1/pools/rollout", json={"replicas": -1}).status_code == 422
+
+
+def test_step_records_come_in_pages_and_progress_reads_the_learners_hash(api, r, tiny_models):
+    """The coordinator reads progress from the hash the learner writes with each record (never the records),
+    and serves the records page by page; the client walks every page."""
+    from asyncopd import state
+    from asyncopd.client import Client
+    from asyncopd.records import EvalRecord, Progress
+    from tests.unit.test_records import step
+
+    with Client(api) as c:
+        job = c.submit(tiny_job(tiny_models, name="paged"))
+        c.cancel(job.id)
+        records = [step(n, samples=4, max_staleness=n % 3) for n in range(1, 2502)]
+        progress = Progress()
+        for rec in records:
+            progress = progress.add(rec)
+        r.rpush(state.steps_key(job.id), *[rec.dumps() for rec in records])
+        r.hset(state.progress_key(job.id), mapping=progress.to_hash())
+        r.rpush(state.evals_key(job.id), EvalRecord(step=0, accuracy=0.2, kl_to_teacher=2.0, eval_s=1, time=1).dumps(),
+                EvalRecord(step=100, accuracy=0.5, kl_to_teacher=0.9, eval_s=1, time=2).dumps())
+        view = c.job(job.id)
+        assert view.progress.step == 2501 and view.progress.samples_trained == 4 * 2501
+        assert view.progress.max_staleness_trained == 2 and view.progress.last_eval.accuracy == 0.5
+        assert list(c.steps(job.id)) == records  # three pages of the default 1000
+        assert [e.step for e in c.evals(job.id)] == [0, 100]
+    page = httpx.get(f"{api}/v1/jobs/{job.id}/steps", params={"after": 2000, "limit": 400}).json()
+    assert [s["step"] for s in page["steps"]] == list(range(2001, 2401)) and page["next_after"] == 2400
+    last = httpx.get(f"{api}/v1/jobs/{job.id}/steps", params={"after": 2400, "limit": 400}).json()
+    assert len(last["steps"]) == 101 and last["next_after"] is None
+    assert httpx.get(f"{api}/v1/jobs/{job.id}/steps", params={"limit": 0}).status_code == 422
+    assert httpx.get(f"{api}/v1/jobs/{job.id}/steps", params={"limit": 10**6}).status_code == 422
+    assert httpx.get(f"{api}/v1/jobs/{job.id}/steps", params={"after": -1}).status_code == 422
+    assert httpx.get(f"{api}/v1/jobs/nope/steps").status_code == 404
+    assert httpx.get(f"{api}/v1/jobs/nope/evals").status_code == 404
+
+
+def test_openapi_declares_every_response_shape_and_the_one_error_shape(api):
+    doc = httpx.get(f"{api}/openapi.json").json()
+    ref = {(path, method): op["responses"] for path, ops in doc["paths"].items() for method, op in ops.items()}
+    expected = {("/v1/jobs", "post"): ("201", "JobView"), ("/v1/jobs", "get"): ("200", "JobList"),
+                ("/v1/jobs/{job_id}", "get"): ("200", "JobView"),
+                ("/v1/jobs/{job_id}/steps", "get"): ("200", "StepPage"),
+                ("/v1/jobs/{job_id}/evals", "get"): ("200", "EvalPage"),
+                ("/v1/jobs/{job_id}/cancel", "post"): ("200", "JobView"),
+                ("/v1/pools", "get"): ("200", "Pools"), ("/v1/pools/rollout", "put"): ("200", "ScaleResponse")}
+    for (path, method), (code, model) in expected.items():
+        schema = ref[(path, method)][code]["content"]["application/json"]["schema"]
+        assert schema["$ref"].endswith(f"/{model}"), (path, method, schema)
+        assert ref[(path, method)]["404"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
+    assert {"StepRecord", "EvalRecord", "Heartbeat", "JobProgress", "FieldError"} <= doc["components"]["schemas"].keys()

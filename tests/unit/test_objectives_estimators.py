@@ -1,8 +1,9 @@
-"""The sampled estimators as estimators of grad KL(pi_theta || p_T), the current student's reverse KL.
+"""The sampled estimators as estimators of grad KL(pi_theta || p_T), the current student's reverse KL, and
+of grad KL(p_T || pi_theta) for the forward ones (token-level KL, Monte Carlo from teacher samples).
 
-Exact enumeration over a tiny vocabulary gives E_{y ~ pi_old}[grad loss(y)] with no sampling error;
-averaging many real samples checks the same thing the way the learner sees it; the multi-sample MC
-objective must show its lower variance on the same input."""
+Exact enumeration over a tiny vocabulary gives E_{y ~ pi_old}[grad loss(y)] (or E_{y' ~ p_T}) with no
+sampling error; averaging many real samples checks the same thing the way the learner sees it; the
+multi-sample objectives must show their lower variance on the same input."""
 
 import itertools
 
@@ -11,10 +12,13 @@ import torch
 
 from asyncopd.objective_spec import (
     DecoupledPPOSpec,
+    ForwardKLMonteCarloSpec,
+    ForwardKLTopKSpec,
     M2POSpec,
     ReverseKLMonteCarloSpec,
     ReverseKLRecomputeSpec,
     ReverseKLSampledSpec,
+    TokenLevelKLSpec,
 )
 from services.learner.objectives import TokenBatch, build_objective
 
@@ -54,8 +58,8 @@ def batch_for(rows, ids_RS, teacher, behavior):
         sampled_ids=y,
         behavior_logprobs=behavior[rows, y],
         teacher_sampled_logprobs=teacher[rows, y],
-        teacher_topk_ids=y[:, None],
-        teacher_topk_logprobs=teacher[rows, y][:, None],
+        support_ids=y[:, None],
+        teacher_support_logprobs=teacher[rows, y][:, None],
         **extra,
     )
 
@@ -87,6 +91,10 @@ def test_recomputed_importance_sampled_gradient_is_exact_in_expectation(spec):
 
 
 ON_POLICY = [
+    ReverseKLRecomputeSpec(correction="none"),
+    ReverseKLMonteCarloSpec(samples=2, correction="none"),
+    ReverseKLMonteCarloSpec(samples=2, advantage="rollout"),
+    ReverseKLMonteCarloSpec(samples=2, advantage="rollout", correction="none"),
     ReverseKLSampledSpec(correction="none"),
     ReverseKLSampledSpec(correction="is"),
     ReverseKLSampledSpec(correction="ppo_clip"),
@@ -98,7 +106,7 @@ ON_POLICY = [
 ]
 
 
-@pytest.mark.parametrize("spec", ON_POLICY, ids=lambda s: f"{s.kind}-{getattr(s, 'correction', '')}")
+@pytest.mark.parametrize("spec", ON_POLICY, ids=str)
 def test_every_sampled_objective_is_unbiased_on_policy(spec):
     # staleness 0: pi_old == pi_theta, every ratio is 1, no clip or cap binds
     z, teacher, _ = policies(staleness=0.0)
@@ -118,12 +126,18 @@ def test_ppo_clip_is_unbiased_while_every_ratio_stays_inside_the_clip():
     assert (clipped - exact_reverse_kl_grad(z, teacher)).abs().max() > 1e-2
 
 
-@pytest.mark.parametrize("correction", ["is", "truncated_is"])
-def test_stale_rollout_advantage_estimates_a_different_objective(correction):
+STALE_ADVANTAGE = [
+    ReverseKLSampledSpec(correction="is"),
+    ReverseKLSampledSpec(correction="truncated_is", is_cap=50.0),  # cap far above every ratio here
+    ReverseKLMonteCarloSpec(samples=2, advantage="rollout", clip_eps=None),
+]
+
+
+@pytest.mark.parametrize("spec", STALE_ADVANTAGE, ids=str)
+def test_stale_rollout_advantage_estimates_a_different_objective(spec):
     # With A = log p_T - log pi_old, E[grad] = grad [KL(pi||p_T) - KL(pi||pi_old)] (pi_old held fixed):
-    # the staleness bias the AsyncOPD paper measures, exactly.
+    # the staleness bias the AsyncOPD paper measures, exactly -- for one token or the mean over several.
     z, teacher, behavior = policies(staleness=1.0)
-    spec = ReverseKLSampledSpec(correction=correction, is_cap=50.0)  # cap far above every ratio here
     expected = enumerated_expected_grad(spec, z, teacher, behavior)
     shifted = grad_of(lambda lp: (lp.exp() * (behavior - teacher)).sum(), z)
     torch.testing.assert_close(expected, shifted, rtol=1e-10, atol=1e-12)
@@ -168,3 +182,158 @@ def test_more_mc_samples_per_position_lower_the_gradient_variance():
     ratio = (multi.var(0).sum() / single.var(0).sum()).item()
     assert 0.2 < ratio < 0.3  # four i.i.d. tokens: a quarter of the variance
     assert z_scores(multi, exact).max() < 4.5
+
+
+NO_IMPORTANCE_SAMPLING = [
+    ReverseKLRecomputeSpec(correction="none"),
+    ReverseKLMonteCarloSpec(samples=2, correction="none"),
+]
+
+
+@pytest.mark.parametrize("spec", NO_IMPORTANCE_SAMPLING, ids=str)
+def test_reference_no_is_form_follows_the_behaviour_policy(spec):
+    # REINFORCE with the recomputed advantage: E_{pi_old}[(log pi - log p_T) grad log pi], which is
+    # grad E_{pi_old}[(log pi_theta - log p_T)^2 / 2] with pi_old fixed: exact on policy (ON_POLICY above),
+    # a different objective once the rollout is stale.
+    z, teacher, behavior = policies(staleness=1.0)
+    expected = enumerated_expected_grad(spec, z, teacher, behavior)
+    squared = grad_of(lambda lp: (behavior.exp() * (lp - teacher).square() / 2).sum(), z)
+    torch.testing.assert_close(expected, squared, rtol=1e-10, atol=1e-12)
+    assert (expected - exact_reverse_kl_grad(z, teacher)).abs().max() > 5e-2
+
+
+# --- forward KL through single tokens ---
+
+
+def exact_forward_kl_grad(z, teacher):
+    return grad_of(lambda lp: (teacher.exp() * (teacher - lp)).sum(), z)
+
+
+def teacher_sample_batch(rows, ids_RS, teacher):
+    """TokenBatch whose teacher draws are ids_RS (the sampled token, unused by forward_kl_mc, is the first)."""
+    y = ids_RS[:, 0]
+    return TokenBatch(
+        sampled_ids=y,
+        behavior_logprobs=teacher[rows, y],
+        teacher_sampled_logprobs=teacher[rows, y],
+        support_ids=y[:, None],
+        teacher_support_logprobs=teacher[rows, y][:, None],
+        teacher_sample_ids=ids_RS,
+        teacher_sample_logprobs=teacher[rows[:, None], ids_RS],
+    )
+
+
+def enumerated_teacher_sample_expectation(spec, z, teacher):
+    """(E_{y' ~ p_T}[loss] per position, E[grad loss]) over every tuple of teacher draws."""
+    tuples = torch.tensor(list(itertools.product(range(V), repeat=spec.teacher_samples())))
+    rows = torch.arange(N).repeat_interleave(len(tuples))
+    ids = tuples.repeat(N, 1)
+    weight = teacher[rows[:, None], ids].sum(-1).exp()
+    batch = teacher_sample_batch(rows, ids, teacher)
+    objective = build_objective(spec)
+    value = torch.zeros(N, dtype=F64).index_add_(0, rows, objective(z.log_softmax(-1)[rows], batch).loss * weight)
+    return value, grad_of(lambda lp: (objective(lp[rows], batch).loss * weight).sum(), z)
+
+
+@pytest.mark.parametrize("samples", [1, 2, 3])
+def test_forward_mc_from_teacher_samples_is_unbiased_in_value_and_gradient(samples):
+    z, teacher, _ = policies(staleness=0.0)
+    value, grad = enumerated_teacher_sample_expectation(ForwardKLMonteCarloSpec(samples=samples), z, teacher)
+    student = z.log_softmax(-1)
+    torch.testing.assert_close(value, (teacher.exp() * (teacher - student)).sum(-1), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad, exact_forward_kl_grad(z, teacher), rtol=1e-10, atol=1e-12)
+
+
+def test_forward_mc_is_zero_at_the_match_only_in_expectation():
+    # loss 0 on every draw, but each draw's gradient -grad log pi(y') is not 0: the noise a matched student
+    # keeps seeing, unlike the sampled reverse-KL forms whose advantage vanishes there
+    z, _, _ = policies(staleness=0.0)
+    teacher = z.log_softmax(-1)
+    spec = ForwardKLMonteCarloSpec(samples=2)
+    value, grad = enumerated_teacher_sample_expectation(spec, z, teacher)
+    assert value.abs().max() < 1e-12 and grad.abs().max() < 1e-12
+    draws = teacher_sample_grads(spec, z, teacher, replicates=4, seed=0)
+    assert draws.abs().max() > 1e-2
+
+
+def teacher_sample_grads(spec, z, teacher, replicates, seed):
+    """One gradient per replicate (w.r.t. that position's logits), the teacher's draws sampled."""
+    n, v = z.shape
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.arange(n).repeat(replicates)
+    ids = torch.multinomial(teacher[rows].exp(), spec.teacher_samples(), replacement=True, generator=gen)
+    z_rows = z[rows].clone().requires_grad_(True)
+    loss = build_objective(spec)(z_rows.log_softmax(-1), teacher_sample_batch(rows, ids, teacher)).loss
+    (grads,) = torch.autograd.grad(loss.sum(), z_rows)
+    return grads.reshape(replicates, n, v)
+
+
+def topk_forward_grad(z, teacher, k):
+    top_lp, top_ids = teacher.topk(k, dim=-1)
+    y = top_ids[:, 0]
+    batch = TokenBatch(sampled_ids=y, behavior_logprobs=top_lp[:, 0], teacher_sampled_logprobs=top_lp[:, 0],
+                       support_ids=top_ids, teacher_support_logprobs=top_lp)
+    return grad_of(lambda lp: build_objective(ForwardKLTopKSpec())(lp, batch).loss.sum(), z)
+
+
+def forward_mc_against_topk(z, teacher, k, replicates, samples=(1, 4, 16), seed=0):
+    """Per position: the squared bias of forward_kl_topk's gradient (tail bucket) and the gradient variance
+    of forward_kl_mc at each number of teacher draws; both against the exact forward-KL gradient."""
+    n = z.shape[0]
+    exact = exact_forward_kl_grad(z, teacher)
+    grads = {s: teacher_sample_grads(ForwardKLMonteCarloSpec(samples=s), z, teacher, replicates, seed + s)
+             for s in samples}
+    return (
+        (topk_forward_grad(z, teacher, k) - exact).square().sum().item() / n,
+        {s: g.var(0).sum().item() / n for s, g in grads.items()},
+        {s: z_scores(g, exact).max().item() for s, g in grads.items()},
+    )
+
+
+def test_forward_mc_trades_the_topk_bias_for_variance():
+    """Finding 3 for the forward KL: top-K is deterministic but biased below K = V; teacher samples are
+    unbiased with variance falling as 1/S. The figures in docs/objectives.md (forward_kl_mc) are the
+    printed table: pytest -s -k trades_the_topk_bias tests/unit/test_objectives_estimators.py"""
+    z, teacher, _ = policies(staleness=0.0)
+    bias2, variance, worst_z = forward_mc_against_topk(z, teacher, k=2, replicates=20_000, samples=(1, 4))
+    assert 0.2 < variance[4] / variance[1] < 0.3  # four i.i.d. draws: a quarter of the variance
+    assert max(worst_z.values()) < 4.5  # unbiased
+    assert variance[4] > bias2 > 1e-4
+    assert (topk_forward_grad(z, teacher, V) - exact_forward_kl_grad(z, teacher)).abs().max() < 1e-12
+    for v, k, scale in ((50, 5, 1.0), (50, 5, 3.0), (259, 8, 1.0), (259, 8, 4.0)):
+        gen = torch.Generator().manual_seed(v)
+        z = torch.randn(N, v, generator=gen, dtype=F64)
+        teacher = (torch.randn(N, v, generator=gen, dtype=F64) * scale).log_softmax(-1)
+        bias2, variance, _ = forward_mc_against_topk(z, teacher, k, replicates=2000)
+        mass = teacher.exp().topk(k).values.sum(-1).mean().item()
+        print(f"V {v} K {k} teacher top-K mass {mass:.2f}: top-K bias^2 {bias2:.4f}, MC variance "
+              + ", ".join(f"S={s} {x:.4f}" for s, x in variance.items()))
+        assert variance[16] > bias2  # at these sizes a top-K cache beats 16 draws per position
+
+
+def test_token_level_kl_weights_the_forward_terms_by_the_behaviour_policy():
+    # E_{y ~ pi_old}[p_T(y)(log p_T(y) - log pi_theta(y))] = sum_y pi_old(y) p_T(y)(...): neither KL
+    z, teacher, behavior = policies(staleness=1.0)
+    spec = TokenLevelKLSpec()
+    expected = enumerated_expected_grad(spec, z, teacher, behavior)
+    weighted = grad_of(lambda lp: (behavior.exp() * teacher.exp() * (teacher - lp)).sum(), z)
+    torch.testing.assert_close(expected, weighted, rtol=1e-10, atol=1e-12)
+    assert (expected - exact_forward_kl_grad(z, teacher)).abs().max() > 5e-2
+    # ...so even a student equal to the teacher is pushed, on policy
+    matched = enumerated_expected_grad(spec, teacher.clone(), teacher, teacher)
+    assert matched.abs().max() > 1e-2
+
+
+def test_token_level_kl_on_policy_collapses_the_student_onto_the_teachers_mode():
+    # Following its expected on-policy gradient, grad sum_y sg(pi(y)) p_T(y)(log p_T(y) - log pi(y)), from
+    # the teacher itself: the student sharpens onto the teacher's most likely token instead of staying put.
+    _, teacher, _ = policies(staleness=0.0)
+    z = teacher.clone().requires_grad_(True)
+    opt = torch.optim.SGD([z], lr=1.0)
+    for _ in range(3000):
+        opt.zero_grad()
+        lp = z.log_softmax(-1)
+        (lp.detach().exp() * teacher.exp() * (teacher - lp)).sum().backward()
+        opt.step()
+    mode_mass = z.detach().softmax(-1).gather(1, teacher.argmax(-1, keepdim=True))[:, 0]
+    assert (mode_mass > 0.95).all() and (teacher.exp().max(-1).values < 0.9).all()

@@ -3,7 +3,7 @@ when a batch's fence needs it or a restarted learner changed lineage."""
 
 import pytest
 
-from services.rollout.worker import needs_reload
+from asyncopd.ml.weights.head import needs_reload
 
 
 def test_lag_zero_follows_every_version():

@@ -14,8 +14,9 @@ def prompt(batch=0, i=0, job="j1"):
 def test_scored_entry_roundtrip_keeps_arrays_exact():
     e = ScoredEntry(job_id="j", batch=3, sample_id="b3-p1-s0", prompt_token_ids=[1, 2, 3],
                     completion_token_ids=[4, 5], behavior_logprobs=[-0.5, -1.25], policy_version=2, top_k=2,
-                    teacher_sampled_logprobs=[-0.25, -2.0], teacher_topk_ids=[4, 9, 5, 1],
-                    teacher_topk_logprobs=[-0.25, -3.0, -2.0, -2.5])
+                    teacher_sampled_logprobs=[-0.25, -2.0], support_ids=[4, 9, 5, 1],
+                    teacher_support_logprobs=[-0.25, -3.0, -2.0, -2.5],
+                    teacher_samples=1, teacher_sample_ids=[4, 7], teacher_sample_logprobs=[-0.25, -1.5])
     back = ScoredEntry.from_fields(e.to_fields())
     assert back == e
 
@@ -66,13 +67,18 @@ def test_dead_consumer_entries_are_reclaimed_then_dead_lettered_after_max_delive
     assert streams.stream_stats(r, streams.PROMPTS)["pending"] == 0
 
 
-def test_restarted_consumer_replays_its_own_pending_first(r):
-    r.xadd(streams.SCORED, {"schema": "x", "body": "{}"})
+def test_restarted_consumer_replays_its_own_pending_first_without_counting_a_delivery(r):
+    """Reading one's own pending entries again is not a delivery (only `>` reads and reclaims are): a
+    consumer that holds entries on purpose (the learner, until a checkpoint) and replays them after a
+    restart must not walk them towards the dead-letter stream."""
+    ids = [r.xadd(streams.SCORED, {"schema": "x", "body": str(i)}) for i in range(5)]
     first = StreamConsumer(r, streams.SCORED, "learner", reclaim_idle_ms=None)
-    assert len(first.read(10, 100)) == 1
+    assert len(first.read(10, 100)) == 5
+    new = r.xadd(streams.SCORED, {"schema": "x", "body": "new"})
     restarted = StreamConsumer(r, streams.SCORED, "learner", reclaim_idle_ms=None)
-    replay = restarted.read(10, 100)
-    assert len(replay) == 1 and replay[0].deliveries == 2
+    pages = [restarted.read(2, 100) for _ in range(4)]  # pages of 2: the five pending, then the new one
+    assert [[m.id for m in page] for page in pages] == [ids[:2], ids[2:4], ids[4:], [new]]
+    assert all(m.deliveries == 1 for page in pages for m in page)
 
 
 def test_ack_deletes_so_stream_length_is_the_backlog(r):
@@ -116,3 +122,30 @@ def test_results_and_the_ack_of_their_inputs_commit_together(r):
     streams.write(r, streams.ROLLOUTS, out, also=lambda pipe: prompts.ack_in(pipe, [m.id for m in held]))
     assert r.xpending(streams.PROMPTS, "rollout")["pending"] == 0 and r.xlen(streams.PROMPTS) == 0
     assert r.xlen(streams.ROLLOUTS) == 2
+
+
+def test_entries_of_a_consumer_whose_heartbeat_is_gone_are_claimed_at_once(r):
+    """A killed worker's entries go to a live one without waiting for reclaim_idle_ms (60 s by default); a
+    live worker's are left alone however idle; dead consumers holding nothing leave the group."""
+    from asyncopd import state
+    from asyncopd.records import Heartbeat
+
+    def beat(name):
+        state.heartbeat(r, Heartbeat(service="rollout", instance=name, seen=0, pid=1, grpc_port=0, metrics_port=0),
+                        ttl_s=30)
+
+    for name in ("slow", "alive"):
+        beat(name)
+    for i in range(2):
+        r.xadd(streams.PROMPTS, prompt(i=i).to_fields())
+    for name in ("killed", "slow"):  # each takes one entry (and, with reclaim off, leaves the other's alone)
+        assert len(StreamConsumer(r, streams.PROMPTS, name, reclaim_idle_ms=None).read(1, 10)) == 1
+    StreamConsumer(r, streams.PROMPTS, "gone-idle")._xreadgroup(">", 1, None)  # a consumer with nothing pending
+    alive = StreamConsumer(r, streams.PROMPTS, "alive", reclaim_idle_ms=60_000)
+    got = alive.read(10, 10)
+    assert [PromptEntry.from_fields(m.fields).prompt_id for m in got] == ["b0-p0"] and got[0].deliveries == 2
+    names = {c["name"] for c in r.xinfo_consumers(streams.PROMPTS, "rollout")}
+    assert names == {"alive", "slow", "killed"}  # `killed` still held the entry when it was looked at
+    alive._next_reclaim = 0
+    alive.read(10, 10)
+    assert {c["name"] for c in r.xinfo_consumers(streams.PROMPTS, "rollout")} == {"alive", "slow"}

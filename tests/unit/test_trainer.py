@@ -4,6 +4,7 @@ lm_head weight is a partition gathered for the chunks)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 
@@ -17,22 +18,9 @@ from asyncopd.streams import ScoredEntry
 K = 4
 
 
-@pytest.fixture(scope="module")
-def distributed():
-    """A gloo group of one in this process; the environment it needs is put back afterwards (the e2e
-    tests start learners that must not inherit this process's MASTER_PORT)."""
-    saved = dict(os.environ)
-    from services.learner.settings import LearnerSettings
-    from services.learner.trainer import init_distributed
-
-    init_distributed(LearnerSettings())
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
-
-
-def entries(vocab: int, samples: int, seed: int = 0) -> list[ScoredEntry]:
-    """Scored samples of different prompt and completion lengths with made-up behaviour/teacher data."""
+def entries(vocab: int, samples: int, seed: int = 0, teacher_samples: int = 0) -> list[ScoredEntry]:
+    """Scored samples of different prompt and completion lengths with made-up behaviour/teacher data (and
+    teacher_samples made-up teacher draws per position, for forward_kl_mc)."""
     rng = random.Random(seed)
     out = []
     for i in range(samples):
@@ -44,8 +32,11 @@ def entries(vocab: int, samples: int, seed: int = 0) -> list[ScoredEntry]:
             completion_token_ids=[row[0] if rng.random() < 0.5 else rng.randrange(vocab) for row in topk],
             behavior_logprobs=[-rng.uniform(0.5, 4.0) for _ in range(completion)],
             top_k=K, teacher_sampled_logprobs=[-rng.uniform(0.2, 5.0) for _ in range(completion)],
-            teacher_topk_ids=[t for row in topk for t in row],
-            teacher_topk_logprobs=[v for _ in topk for v in sorted(-rng.uniform(0.3, 3.0) for _ in range(K))],
+            support_ids=[t for row in topk for t in row],
+            teacher_support_logprobs=[v for _ in topk for v in sorted(-rng.uniform(0.3, 3.0) for _ in range(K))],
+            teacher_samples=teacher_samples,
+            teacher_sample_ids=[rng.randrange(vocab) for _ in range(completion * teacher_samples)],
+            teacher_sample_logprobs=[-rng.uniform(0.1, 4.0) for _ in range(completion * teacher_samples)],
         ))
     return out
 
@@ -73,7 +64,7 @@ def one_step(models, tmp_path, objective: dict, zero_stage: int, chunked: bool, 
         real_step()
 
     trainer.engine.step = step
-    record = trainer.step(batch)
+    record = dataclasses.asdict(trainer.step(batch))
     return record, grads
 
 
@@ -81,10 +72,11 @@ def one_step(models, tmp_path, objective: dict, zero_stage: int, chunked: bool, 
     (0, {"kind": "forward_kl_topk"}),
     (0, {"kind": "m2po", "second_moment_budget": 0.05}),
     (3, {"kind": "mixed", "alpha": 0.5}),
+    (0, {"kind": "forward_kl_mc", "samples": 3}),  # the teacher's draws, collated per position
 ])
 def test_chunked_step_equals_the_full_logits_step(distributed, tiny_models, tmp_path, zero_stage, objective):
     torch.set_num_threads(1)
-    batch = entries(vocab=259, samples=5)
+    batch = entries(vocab=259, samples=5, teacher_samples=objective.get("samples", 0))
     full, full_grads = one_step(tiny_models, tmp_path, objective, zero_stage, False, batch)
     chunk, chunk_grads = one_step(tiny_models, tmp_path, objective, zero_stage, True, batch)
     assert full["tokens"] == chunk["tokens"] == sum(len(e.completion_token_ids) for e in batch)
@@ -104,8 +96,8 @@ def _rank_main(rank: int, world: int, port: int, models: dict, tmp: str, objecti
                       MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     from pathlib import Path
 
+    from services.learner.distributed import init_distributed
     from services.learner.settings import LearnerSettings
-    from services.learner.trainer import init_distributed
 
     torch.set_num_threads(1)
     init_distributed(LearnerSettings())

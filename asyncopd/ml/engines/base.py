@@ -52,5 +52,10 @@ class Engine(ABC):
     def load_weights(self, path: str, version: int) -> None:
         """Swap in the weights in `path` (HF safetensors layout). Called between requests only."""
 
+    def load_tensors(self, tensors: dict, version: int) -> None:
+        """Swap in weights given as tensors (HF names -> tensors; tied embeddings may appear once), e.g. a
+        version the delta transport rebuilt in memory. Called between requests only."""
+        raise NotImplementedError(f"{type(self).__name__} loads weights from a path only")
+
     def close(self) -> None:
         """Free the model."""

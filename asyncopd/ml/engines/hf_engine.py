@@ -6,10 +6,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from asyncopd.ml.dtypes import DTYPES
 from asyncopd.ml.engines.base import Completion, Engine, SequenceScores
 from asyncopd.ml.weights import safetensors_files
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class HFEngine(Engine):
@@ -101,10 +100,14 @@ class HFEngine(Engine):
         state = {}
         for f in safetensors_files(path):
             state.update(load_file(f, device=str(self.device)))
-        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        self.load_tensors(state, version)
+
+    def load_tensors(self, tensors, version):
+        missing, unexpected = self.model.load_state_dict(tensors, strict=False)
         # Tied embeddings are saved once; anything else missing means the wrong checkpoint.
         if unexpected or [m for m in missing if "lm_head" not in m]:
-            raise ValueError(f"weights at {path} do not match the model: missing={missing} unexpected={unexpected}")
+            raise ValueError(f"weights of version {version} do not match the model: missing={missing} "
+                             f"unexpected={unexpected}")
         self.version = version
 
     def close(self):

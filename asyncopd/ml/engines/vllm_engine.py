@@ -104,5 +104,28 @@ class VLLMEngine(Engine):
         self.llm.reset_prefix_cache()
         self.version = version
 
+    def load_tensors(self, tensors, version, via: str = "iterator"):
+        """In-process (VLLM_ENABLE_V1_MULTIPROCESSING=0, how this engine starts) the tensors go to vLLM's
+        reload as a `weights_iterator`; with a separate engine process an iterator cannot cross the RPC (it
+        kills the engine), so they are written to a worker-local directory (not the shared volume) and
+        reloaded by path. `via="path"` forces the latter (the weights bench compares both)."""
+        if via == "iterator" and os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0":
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(tensors.items())})
+        else:
+            import tempfile
+
+            from safetensors.torch import save_file
+
+            if getattr(self, "local_dir", None) is None:
+                self.local_dir = tempfile.mkdtemp(prefix="asyncopd-weights-")
+            save_file(dict(tensors), os.path.join(self.local_dir, "model.safetensors"))
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": self.local_dir})
+        self.llm.reset_prefix_cache()
+        self.version = version
+
     def close(self):
         del self.llm
+        if getattr(self, "local_dir", None):
+            import shutil
+
+            shutil.rmtree(self.local_dir, ignore_errors=True)

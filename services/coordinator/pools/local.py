@@ -45,6 +45,8 @@ class LocalPool(RolloutPool):
         self.log_dir.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **self.env, "ASYNCOPD_INSTANCE": name, "ASYNCOPD_GRPC_PORT": "0",
                "ASYNCOPD_METRICS_PORT": "0"}
+        for secret in ("ASYNCOPD_API_TOKEN", "ASYNCOPD_API_TOKEN_FILE"):  # the coordinator's alone
+            env.pop(secret, None)
         with open(self.log_dir / f"{name}.log", "ab") as out:
             proc = subprocess.Popen([sys.executable, "-m", "services.rollout"], env=env, stdout=out,
                                     stderr=subprocess.STDOUT)

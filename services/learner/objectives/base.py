@@ -2,7 +2,8 @@
 
 All tensors are flattened over trained (completion) positions: N rows, one per token whose loss counts,
 so padding and prompt positions cannot leak into a loss by construction (see `flatten_completion`).
-Suffixes on names give shapes: _N per token, _NK per token and top-K slot, _NV per vocabulary entry.
+Suffixes on names give shapes: _N per token, _NK per token and top-K slot, _NV per vocabulary entry,
+_NS per token and sampled token, _NB per token and bucket (top-K slots plus the tail).
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ class TokenBatch:
     sampled_ids: Tensor  # [N] long: the sampled token y_t
     behavior_logprobs: Tensor  # [N] log pi_old(y_t), from the rollout engine
     teacher_sampled_logprobs: Tensor  # [N] log p_T(y_t)
-    teacher_topk_ids: Tensor  # [N, K] long, distinct per row (or the student's top-K, see ReverseKLTopKSpec)
-    teacher_topk_logprobs: Tensor  # [N, K] teacher log-probs of those ids
+    support_ids: Tensor  # [N, K] long, distinct per row: the teacher's top-K, or the student's (ReverseKLTopKSpec)
+    teacher_support_logprobs: Tensor  # [N, K] teacher log-probs of those ids
     mc_ids: Tensor | None = None  # [N, M] extra tokens drawn from pi_old at each prefix
     mc_behavior_logprobs: Tensor | None = None  # [N, M]
     mc_teacher_logprobs: Tensor | None = None  # [N, M]
     proximal_logprobs: Tensor | None = None  # [N] log pi_prox(y_t) for decoupled PPO
+    teacher_sample_ids: Tensor | None = None  # [N, S] tokens the teacher drew from p_T at each prefix
+    teacher_sample_logprobs: Tensor | None = None  # [N, S] their teacher log-probs
 
     def __post_init__(self) -> None:
         n = self.sampled_ids.shape[0]
@@ -35,11 +38,13 @@ class TokenBatch:
             value = getattr(self, field.name)
             if value is not None and value.shape[0] != n:
                 raise ValueError(f"TokenBatch.{field.name} has {value.shape[0]} rows, sampled_ids has {n}")
-        if self.teacher_topk_ids.shape != self.teacher_topk_logprobs.shape:
-            raise ValueError("TokenBatch: teacher_topk_ids and teacher_topk_logprobs differ in shape")
+        if self.support_ids.shape != self.teacher_support_logprobs.shape:
+            raise ValueError("TokenBatch: support_ids and teacher_support_logprobs differ in shape")
         mc = (self.mc_ids, self.mc_behavior_logprobs, self.mc_teacher_logprobs)
         if any(t is None for t in mc) and any(t is not None for t in mc):
             raise ValueError("TokenBatch: mc_ids, mc_behavior_logprobs and mc_teacher_logprobs go together")
+        if (self.teacher_sample_ids is None) != (self.teacher_sample_logprobs is None):
+            raise ValueError("TokenBatch: teacher_sample_ids and teacher_sample_logprobs go together")
 
     @property
     def num_tokens(self) -> int:

@@ -5,7 +5,9 @@ Why the advantage matters: for y ~ pi_old and r = pi_theta(y)/pi_old(y),
 With A = log p_T - sg(log pi_theta) (recomputed at learner time) this is exactly grad KL(pi_theta || p_T),
 whatever pi_old was. With the rollout's A = log p_T - log pi_old (tinker style) it is the gradient of
 KL(pi_theta || p_T) - KL(pi_theta || pi_old) -- the stale sample also pushes the student away from the
-policy that generated it, which is why that form degrades with staleness.
+policy that generated it, which is why that form degrades with staleness. Without the ratio (correction
+"none", REINFORCE: -A grad log pi_theta) the expectation stays over pi_old, so even the recomputed advantage
+gives E_{pi_old}[(log pi_theta - log p_T) grad log pi_theta]: exact only when pi_old is the current student.
 """
 
 from __future__ import annotations
@@ -99,30 +101,44 @@ class SampledReverseKL(Objective):
         return ObjectiveOutput(loss_N, floats(metrics))
 
 
-class RecomputedReverseKL(Objective):
-    """Advantage log p_T(y) - sg(log pi_theta(y)) recomputed here, ratio against pi_old, averaged over
-    `samples` tokens per position: the sampled one plus samples - 1 from batch.mc_* (reverse_kl_mc).
+class SampledTokensReverseKL(Objective):
+    """The policy-gradient surrogate over `samples` tokens per position -- the sampled one plus samples - 1
+    from batch.mc_* -- averaged: reverse_kl_recompute (samples = 1) and reverse_kl_mc.
 
-    clip_eps=None is plain importance sampling: an unbiased gradient of KL(pi_theta || p_T).
+    advantage "recompute": A = log p_T(y) - sg(log pi_theta(y)); "rollout": A = log p_T(y) - log pi_old(y).
+    correction "is": ratio pi_theta/pi_old, PPO-clipped at clip_eps (None = plain importance sampling);
+    with the recomputed advantage and plain IS this is an unbiased gradient of KL(pi_theta || p_T).
+    correction "none" (the reference's use_importance_sampling off): ratio pi_theta/sg(pi_theta) -- value 1,
+    gradient grad log pi_theta -- unbiased only when pi_old is the current student.
     """
 
-    def __init__(self, clip_eps: float | None = 0.2, samples: int = 1) -> None:
+    def __init__(
+        self,
+        clip_eps: float | None = 0.2,
+        samples: int = 1,
+        correction: Literal["is", "none"] = "is",
+        advantage: Literal["recompute", "rollout"] = "recompute",
+    ) -> None:
         self.clip_eps = clip_eps
         self.samples = samples
+        self.correction = correction
+        self.advantage = advantage
 
     def __call__(self, student_logprobs_NV: Tensor, batch: TokenBatch) -> ObjectiveOutput:
         ids_NS, behavior_NS, teacher_NS = self._samples(batch)
         logprobs_NS = student_logprobs_NV.gather(-1, ids_NS.long())
         behavior_NS, teacher_NS = float_like(logprobs_NS, behavior_NS, teacher_NS)
-        advantage_NS = teacher_NS - logprobs_NS.detach()
+        baseline_NS = logprobs_NS.detach() if self.advantage == "recompute" else behavior_NS
+        advantage_NS = teacher_NS - baseline_NS
         log_ratio_NS = clamped_log_ratio(logprobs_NS, behavior_NS)
-        ratio_NS = log_ratio_NS.exp()
         flags: dict[str, Tensor] = {}
-        if self.clip_eps is None:
-            loss_NS = -advantage_NS * ratio_NS
+        if self.correction == "none":
+            loss_NS = -advantage_NS * on_policy_factor(logprobs_NS)
+        elif self.clip_eps is None:
+            loss_NS = -advantage_NS * log_ratio_NS.exp()
         else:
             loss_NS, flags["clipped"] = clipped_surrogate(
-                ratio_NS, advantage_NS, 1 - self.clip_eps, 1 + self.clip_eps
+                log_ratio_NS.exp(), advantage_NS, 1 - self.clip_eps, 1 + self.clip_eps
             )
         metrics = policy_metrics(logprobs_NS, behavior_NS, teacher_NS, log_ratio_NS, **flags)
         return ObjectiveOutput(loss_NS.mean(-1), floats(metrics))

@@ -127,18 +127,39 @@ redis://{{ include "asyncopd.redis.host" . }}:{{ .Values.redis.port }}/{{ .Value
 {{- end }}
 - name: ASYNCOPD_DATA_DIR
   value: {{ $ctx.Values.persistence.mountPath | quote }}
+- name: ASYNCOPD_GRPC_HOST
+  value: {{ .config.grpcHost | quote }}
 - name: ASYNCOPD_GRPC_PORT
   value: {{ .config.grpcPort | quote }}
+{{- with $ctx.Values.grpc.auth.existingSecret }}
+{{- /* Drain (the only gRPC call that changes state) needs `authorization: Bearer <token>` metadata. */}}
+- name: ASYNCOPD_GRPC_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $ctx.Values.grpc.auth.existingSecretKey }}
+{{- end }}
+{{- /* Advertised in the heartbeat: where `asyncopd status --services` and `asyncopd drain` call GetStatus/Drain. */}}
+- name: ASYNCOPD_POD_IP
+  valueFrom:
+    fieldRef:
+      fieldPath: status.podIP
+- name: ASYNCOPD_METRICS_HOST
+  value: {{ .config.metricsHost | quote }}
 - name: ASYNCOPD_METRICS_PORT
   value: {{ .config.metricsPort | quote }}
 - name: ASYNCOPD_GRPC_REFLECTION
   value: {{ .config.grpcReflection | quote }}
 - name: ASYNCOPD_LOG_LEVEL
   value: {{ .config.logLevel | quote }}
+- name: ASYNCOPD_LOG_FORMAT
+  value: {{ .config.logFormat | quote }}
 - name: ASYNCOPD_POLL_INTERVAL_S
   value: {{ .config.pollIntervalS | quote }}
 - name: ASYNCOPD_HEARTBEAT_TTL_S
   value: {{ .config.heartbeatTtlS | quote }}
+- name: ASYNCOPD_REDIS_OUTAGE_S
+  value: {{ .config.redisOutageS | quote }}
 - name: HF_HOME
   value: {{ $ctx.Values.models.hfHome | quote }}
 {{- if $ctx.Values.models.offline }}
@@ -182,6 +203,12 @@ topologySpreadConstraints:
   {{- toYaml . | nindent 2 }}
 {{- end }}
 terminationGracePeriodSeconds: {{ .c.terminationGracePeriodSeconds }}
+{{- /* Only the coordinator with the kubernetes pool backend calls the Kubernetes API. */}}
+{{- if and (eq .component "coordinator") (eq (.c.config.poolBackend | default "") "kubernetes") }}
+automountServiceAccountToken: true
+{{- else }}
+automountServiceAccountToken: false
+{{- end }}
 {{- with .ctx.Values.podSecurityContext }}
 securityContext:
   {{- toYaml . | nindent 2 }}
@@ -232,6 +259,9 @@ readinessProbe:
 {{- end }}
 - name: tmp
   emptyDir: {}
+{{- /* The root filesystem is read-only: $HOME takes the caches (vLLM, Triton, torch extensions, CUDA). */}}
+- name: home
+  emptyDir: {}
 {{- if .c.shmSize }}
 - name: dshm
   emptyDir:
@@ -248,6 +278,8 @@ readinessProbe:
   mountPath: {{ .ctx.Values.persistence.mountPath }}
 - name: tmp
   mountPath: /tmp
+- name: home
+  mountPath: /home/asyncopd
 {{- if .c.shmSize }}
 - name: dshm
   mountPath: /dev/shm

@@ -26,6 +26,9 @@ keys to change. Included from validate.yaml, so every render runs it.
 {{- end }}
 {{- end }}
 {{- end }}
+{{- if ne $v.learner.config.weightsTransport $v.rollout.config.weightsTransport }}
+{{- fail (printf "learner.config.weightsTransport=%s but rollout.config.weightsTransport=%s: rollout workers must follow the transport the learner publishes with, set both alike" $v.learner.config.weightsTransport $v.rollout.config.weightsTransport) }}
+{{- end }}
 {{- range $name := list "rollout" "teacher" }}
 {{- $c := index $v $name }}
 {{- if and $c.autoscaling.enabled (gt (int $c.autoscaling.minReplicas) (int $c.autoscaling.maxReplicas)) }}

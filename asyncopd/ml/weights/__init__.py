@@ -1,0 +1,35 @@
+"""Weight versions: the learner publishes them, rollout workers follow them, one head in Redis says which is
+current. Everything about weight versions lives in this package:
+
+- `head`: the (lineage, version, location) head, the reload rule (`needs_reload`) and a blocking wait for the
+  head to move (torch-free; announcing is `asyncopd.state.publish_version`, re-exported as `head.announce`).
+- `transports/`: the publisher/follower contract (`base`) and its implementations, picked by the
+  `weights_transport` setting: `filesystem` (a full HF directory per version) and `delta` (XOR deltas against
+  the last full version, zstd, per-tensor checksums, repairs).
+- `follow`: the loop a rollout worker runs between batches; `repair`: a follower asks the publisher for a full
+  copy of a version it cannot load.
+- `layout`: version directories, atomic commits, pruning that keeps what retained deltas need;
+  `manifest`: what a version holds and how to tell it is intact; `codec`: tensor bytes, checksums, XOR deltas;
+  `hf`: any published version as a transformers model (the learner's held-out evaluation); `metrics`.
+
+Invariant across the package: a version is announced only once it is complete on the shared volume, and a
+follower's engine holds either exactly the published bits of a version or what it held before.
+Importing this package imports no torch (the transports do, when set up).
+"""
+
+from asyncopd.ml.weights.layout import commit_dir, prune, safetensors_files, version_dir
+
+__all__ = ["commit_dir", "learner_publisher", "prune", "safetensors_files", "version_dir"]
+
+
+def learner_publisher(settings, root, job_id: str):
+    """The learner's publisher from its settings (`weights_transport`, `weights_dtype`, `weights_full_every`);
+    a delta publisher answers repair requests while the job is the active one."""
+    from asyncopd import state
+    from asyncopd.ml.weights.transports import setup_publisher
+
+    r = state.connect(settings.redis_url, settings.redis_password, settings.redis_outage_s) \
+        if settings.weights_transport == "delta" else None
+    return setup_publisher(settings.weights_transport, root, dtype=settings.weights_dtype,
+                           full_every=settings.weights_full_every, redis=r, job_id=job_id,
+                           job_done=lambda: r is not None and not state.is_active(r, job_id))

@@ -1,0 +1,25 @@
+"""A published version of any transport (or a plain HF directory) as a transformers model: what the learner's
+held-out evaluation loads. A delta version has no weights file of its own; it is rebuilt from its base full
+version with the same checks a rollout worker applies."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from asyncopd.ml.weights.manifest import Manifest
+
+
+def load_causal_lm(location: str, dtype):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    manifest = Manifest.read(Path(location)) if Path(location).is_dir() else None
+    if manifest is None or manifest.kind == "full":
+        return AutoModelForCausalLM.from_pretrained(location, dtype=dtype)
+    from asyncopd.ml.weights.transports.delta import DeltaFollower
+
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(location), dtype=dtype)
+    missing, unexpected = model.load_state_dict(DeltaFollower().tensors(location), strict=False)
+    if unexpected or [m for m in missing if "lm_head" not in m]:  # tied embeddings are stored once
+        raise ValueError(f"{location} does not match its config: missing={missing} unexpected={unexpected}")
+    model.tie_weights()
+    return model

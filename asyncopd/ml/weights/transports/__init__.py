@@ -1,0 +1,47 @@
+"""Transports behind one interface (`base.WeightPublisher` / `base.WeightFollower`), picked by the typed
+`weights_transport` setting the learner and the rollout workers both carry: `filesystem` or `delta`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from asyncopd.ml.weights.transports.base import WeightFollower, WeightPublisher
+
+TRANSPORTS = ("filesystem", "delta")
+
+
+def setup_publisher(transport: str, root: Path, *, dtype: str = "float32", full_every: int = 8, redis=None,
+                    job_id: str | None = None, job_done=None) -> WeightPublisher:
+    """The learner's publisher. With `redis` and `job_id`, a delta publisher answers followers' repair
+    requests until `job_done()` (or `close()`)."""
+    from asyncopd.ml.dtypes import DTYPES
+
+    if transport == "filesystem":
+        from asyncopd.ml.weights.transports.filesystem import FilesystemPublisher
+
+        return FilesystemPublisher(root, DTYPES[dtype])
+    if transport == "delta":
+        from asyncopd.ml.weights.repair import RepairResponder
+        from asyncopd.ml.weights.transports.delta import DeltaPublisher
+
+        publisher = DeltaPublisher(root, DTYPES[dtype], full_every)
+        if redis is not None and job_id is not None:
+            publisher.responder = RepairResponder(redis, job_id, publisher.write_full_copy,
+                                                  job_done or (lambda: False))
+        return publisher
+    raise ValueError(f"unknown weights transport {transport!r}; one of {TRANSPORTS}")
+
+
+def setup_follower(transport: str, *, redis=None, job_id: str | None = None) -> WeightFollower:
+    if transport == "filesystem":
+        from asyncopd.ml.weights.transports.filesystem import FilesystemFollower
+
+        return FilesystemFollower()
+    if transport == "delta":
+        from asyncopd.ml.weights.transports.delta import DeltaFollower
+
+        return DeltaFollower(redis, job_id)
+    raise ValueError(f"unknown weights transport {transport!r}; one of {TRANSPORTS}")
+
+
+__all__ = ["TRANSPORTS", "WeightFollower", "WeightPublisher", "setup_follower", "setup_publisher"]

@@ -1,0 +1,36 @@
+"""`asyncopd models --sizes` and `asyncopd bench --suite weights --smoke`: the cost-curve harness runs end to
+end (a real DeepSpeed run, both transports, the HF engine) and writes its report. It measures nothing."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+from tests.helpers import ROOT
+
+
+def test_size_presets_build_llama_models_of_the_named_shape(tmp_path):
+    from asyncopd.ml.tinymodels import SIZES, build_sizes
+
+    path = build_sizes(tmp_path, ["example"], log=lambda _: None)["example"]
+    config = json.loads((path / "config.json").read_text())
+    preset = SIZES["example"]
+    assert (config["model_type"], config["hidden_size"], config["num_hidden_layers"], config["vocab_size"]) == \
+        ("llama", preset.hidden, preset.layers, preset.vocab)
+    assert (path / "model.safetensors").exists() and (path / "tokenizer.json").exists()
+    assert build_sizes(tmp_path, ["example"], log=lambda _: None)["example"] == path  # cached
+
+
+def test_weights_bench_smoke_writes_its_report(tmp_path):
+    out = tmp_path / "results"
+    proc = subprocess.run([sys.executable, "-m", "asyncopd.tools.cli", "bench", "--suite", "weights", "--smoke",
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert {"weights.md", "weights.csv", "weights-runs.csv", "weights.png"} <= {p.name for p in out.iterdir()}
+    rows = {(r["transport"], r["dtype"]): r for r in csv.DictReader(open(out / "weights.csv"))}
+    assert set(rows) == {("filesystem", "float32"), ("filesystem", "bfloat16"), ("delta", "bfloat16")}
+    assert float(rows["delta", "bfloat16"]["vs_full_bf16"]) < float(rows["filesystem", "bfloat16"]["vs_full_bf16"])
+    assert float(rows["filesystem", "float32"]["reload_hf_s"]) > 0
+    assert "## Extrapolated" in (out / "weights.md").read_text()
