@@ -65,3 +65,32 @@ def distributed():
     yield
     os.environ.clear()
     os.environ.update(saved)
+
+
+@pytest.fixture
+def service_runtime(redis_server, r):
+    """start(service, instance, **settings): a ServiceRuntime serving its gRPC control RPCs on loopback and
+    registered in the heartbeat registry (no work loop); stopped at the end of the test."""
+    from asyncopd.runtime import ServiceRuntime
+    from asyncopd.settings import ServiceSettings
+    from asyncopd.v1 import coordinator_pb2_grpc, learner_pb2_grpc, rollout_pb2_grpc, teacher_pb2_grpc
+
+    adders = {"rollout": rollout_pb2_grpc.add_RolloutServiceServicer_to_server,
+              "teacher": teacher_pb2_grpc.add_TeacherServiceServicer_to_server,
+              "learner": learner_pb2_grpc.add_LearnerServiceServicer_to_server,
+              "coordinator": coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server}
+    started = []
+
+    def start(service: str, instance: str, **settings) -> ServiceRuntime:
+        s = ServiceSettings(redis_url=redis_server, instance=instance, grpc_port=0, metrics_port=0, pod_ip="",
+                            **settings)
+        rt = ServiceRuntime(service, f"asyncopd.v1.{service.title()}Service", s)
+        rt.start(adders[service], handle_signals=False)
+        rt.beat()
+        started.append(rt)
+        return rt
+
+    yield start
+    for rt in started:
+        rt.stop.set()
+        rt.shutdown()

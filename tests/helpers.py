@@ -86,3 +86,19 @@ def kill_learner_when(api: str, r, job_id: str, ready) -> int:
         r.delete(state.service_key("learner", learner.instance))
         time.sleep(0.02)
     return step
+
+
+def wait_until_ready(url: str, proc, log: Path, timeout_s: float = 60) -> None:
+    """Until the coordinator at `url` answers /readyz with 200; fails with its log if it exits first."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert proc.poll() is None, log.read_text()
+        try:
+            if httpx.get(f"{url}/readyz").status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, f"coordinator not ready in {timeout_s:.0f} s"
+        time.sleep(0.1)

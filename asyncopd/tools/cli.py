@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -20,14 +19,10 @@ DEFAULT_RUN_DIR = Path(".run")
 
 
 def api_url(args) -> str:
-    if getattr(args, "api", None):
-        return args.api
-    if os.environ.get("ASYNCOPD_API_URL"):
-        return os.environ["ASYNCOPD_API_URL"]
     from asyncopd.tools import localstack
 
-    info = localstack.load(args.run_dir)
-    return info["api_url"] if info else "http://127.0.0.1:8000"
+    return localstack.address(getattr(args, "api", None), "ASYNCOPD_API_URL", "api_url", "http://127.0.0.1:8000",
+                              args.run_dir)
 
 
 def client(args) -> Client:

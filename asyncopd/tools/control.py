@@ -51,14 +51,10 @@ def run(command: Callable[[object], int], args) -> None:
 
 def redis_url(args) -> str:
     """--redis-url, else ASYNCOPD_REDIS_URL, else the local stack's (`asyncopd up`), else the default."""
-    if getattr(args, "redis_url", None):
-        return args.redis_url
-    if os.environ.get("ASYNCOPD_REDIS_URL"):
-        return os.environ["ASYNCOPD_REDIS_URL"]
     from asyncopd.tools import localstack
 
-    info = localstack.load(args.run_dir)
-    return info["redis_url"] if info else DEFAULT_REDIS_URL
+    return localstack.address(getattr(args, "redis_url", None), "ASYNCOPD_REDIS_URL", "redis_url", DEFAULT_REDIS_URL,
+                              args.run_dir)
 
 
 def connect(url: str) -> redis.Redis:

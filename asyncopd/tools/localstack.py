@@ -187,6 +187,17 @@ def load(run_dir: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def address(flag: str | None, env: str, key: str, default: str, run_dir: Path) -> str:
+    """Where the CLI talks to: the flag, else the environment variable, else the local stack's (`asyncopd up`,
+    `stack.json[key]`), else the default."""
+    if flag:
+        return flag
+    if os.environ.get(env):
+        return os.environ[env]
+    info = load(run_dir)
+    return info[key] if info else default
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -15,7 +15,6 @@ import pytest
 
 from asyncopd import state
 from asyncopd.runtime import ServiceRuntime
-from asyncopd.settings import ServiceSettings
 from asyncopd.v1 import common_pb2, rollout_pb2_grpc
 from tests.helpers import ROOT
 from tests.integration.test_bad_input import start_coordinator
@@ -117,22 +116,9 @@ def test_the_cli_points_at_the_coordinators_log_on_a_5xx():
 
 
 @pytest.fixture
-def rollout(redis_server, r):
-    started = []
-
-    def start(**settings) -> ServiceRuntime:
-        s = ServiceSettings(redis_url=redis_server, instance=f"rollout-{len(started)}", grpc_port=0, metrics_port=0,
-                            pod_ip="", **settings)
-        rt = ServiceRuntime("rollout", "asyncopd.v1.RolloutService", s)
-        rt.start(rollout_pb2_grpc.add_RolloutServiceServicer_to_server, handle_signals=False)
-        rt.beat()
-        started.append(rt)
-        return rt
-
-    yield start
-    for rt in started:
-        rt.stop.set()
-        rt.shutdown()
+def rollout(service_runtime):
+    names = iter(range(100))
+    return lambda **settings: service_runtime("rollout", f"rollout-{next(names)}", **settings)
 
 
 def drain(redis_url: str, rt: ServiceRuntime, **env: str) -> subprocess.CompletedProcess:

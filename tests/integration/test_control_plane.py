@@ -15,34 +15,8 @@ import pytest
 from asyncopd import state
 from asyncopd.ports import free_port
 from asyncopd.records import Heartbeat
-from asyncopd.runtime import ServiceRuntime
-from asyncopd.settings import ServiceSettings
 from asyncopd.tools.cli import main
-from asyncopd.v1 import coordinator_pb2_grpc, learner_pb2_grpc, rollout_pb2_grpc
 from tests.helpers import ROOT
-
-ADDERS = {"rollout": rollout_pb2_grpc.add_RolloutServiceServicer_to_server,
-          "learner": learner_pb2_grpc.add_LearnerServiceServicer_to_server,
-          "coordinator": coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server}
-
-
-@pytest.fixture
-def runtime(redis_server, r):
-    """start(service, instance): a ServiceRuntime serving its control RPCs, registered in the heartbeat registry."""
-    started = []
-
-    def start(service: str, instance: str) -> ServiceRuntime:
-        settings = ServiceSettings(redis_url=redis_server, instance=instance, grpc_port=0, metrics_port=0, pod_ip="")
-        rt = ServiceRuntime(service, f"asyncopd.v1.{service.title()}Service", settings)
-        rt.start(ADDERS[service], handle_signals=False)
-        rt.beat()
-        started.append(rt)
-        return rt
-
-    yield start
-    for rt in started:
-        rt.stop.set()
-        rt.shutdown()
 
 
 def lines(text: str) -> dict[str, list[str]]:
@@ -52,13 +26,13 @@ def lines(text: str) -> dict[str, list[str]]:
     return {row[1]: row for row in rows[1:]}
 
 
-def test_status_services_shows_each_instance_from_its_own_get_status(runtime, redis_server, tmp_path,
+def test_status_services_shows_each_instance_from_its_own_get_status(service_runtime, redis_server, tmp_path,
                                                                      monkeypatch, capsys):
-    rollout = runtime("rollout", "rollout-a")
+    rollout = service_runtime("rollout", "rollout-a")
     rollout.set_model_loaded(True, "job-1")
     rollout.info.policy_version, rollout.info.processed = 3, 17
-    runtime("learner", "learner-0")
-    coordinator = runtime("coordinator", "coord-0")
+    service_runtime("learner", "learner-0")
+    coordinator = service_runtime("coordinator", "coord-0")
     coordinator.set_ready(True)
     # The Redis URL of the local stack (`asyncopd up` writes it to RUN_DIR/stack.json).
     monkeypatch.delenv("ASYNCOPD_REDIS_URL", raising=False)
@@ -74,9 +48,9 @@ def test_status_services_shows_each_instance_from_its_own_get_status(runtime, re
     assert rows["coord-0"][0] == "coordinator" and rows["coord-0"][3:] == ["-", "-", "0", "0", "ready"]
 
 
-def test_drain_sets_the_stop_event_and_reports_draining(runtime, redis_server, capsys):
-    rollout = runtime("rollout", "rollout-a")
-    other = runtime("rollout", "rollout-b")
+def test_drain_sets_the_stop_event_and_reports_draining(service_runtime, redis_server, capsys):
+    rollout = service_runtime("rollout", "rollout-a")
+    other = service_runtime("rollout", "rollout-b")
 
     main(["drain", "rollout-a", "--redis-url", redis_server])
 
@@ -111,8 +85,8 @@ def test_drain_makes_a_real_service_finish_and_exit(redis_server, r, tmp_path, c
             proc.wait(10)
 
 
-def test_an_instance_that_does_not_answer_is_named_with_a_non_zero_exit(runtime, redis_server, r, capsys):
-    runtime("rollout", "rollout-a")
+def test_an_instance_that_does_not_answer_is_named_with_a_non_zero_exit(service_runtime, redis_server, r, capsys):
+    service_runtime("rollout", "rollout-a")
     dead_port = free_port()  # registered, nothing listening: a process that died within its heartbeat TTL
     state.heartbeat(r, Heartbeat(service="rollout", instance="ghost", seen=time.time(), pid=1, host="127.0.0.1",
                                  grpc_port=dead_port, metrics_port=0), ttl_s=30)
@@ -137,8 +111,8 @@ def test_an_instance_that_does_not_answer_is_named_with_a_non_zero_exit(runtime,
     (["drain", "coordinator/coord-0"], "error: coordinator/coord-0: the coordinator has no Drain"),
     (["drain", "pool/coord-0"], "error: 'pool/coord-0': unknown service 'pool'"),
 ])
-def test_drain_names_what_is_wrong_with_the_target(runtime, redis_server, argv, message):
-    runtime("coordinator", "coord-0")
+def test_drain_names_what_is_wrong_with_the_target(service_runtime, redis_server, argv, message):
+    service_runtime("coordinator", "coord-0")
     with pytest.raises(SystemExit) as exit_:
         main([*argv, "--redis-url", redis_server])
     assert str(exit_.value.code).startswith(message)

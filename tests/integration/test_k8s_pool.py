@@ -19,7 +19,6 @@ import re
 import subprocess
 import sys
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import certifi
@@ -29,7 +28,7 @@ import pytest
 from asyncopd.ports import free_port
 from services.coordinator.pools import PoolError
 from services.coordinator.pools.kubernetes import KubernetesPool
-from tests.helpers import ROOT
+from tests.helpers import ROOT, wait_until_ready
 
 NS, DEPLOY = "asyncopd", "asyncopd-rollout"
 SCALE_PATH = re.compile(r"^/apis/apps/v1/namespaces/([^/]+)/deployments/([^/]+)/scale$")
@@ -229,16 +228,7 @@ def coordinator(redis_server, r, kube, token_file, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "services.coordinator"], env=env, cwd=ROOT, stdout=log,
                             stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        assert proc.poll() is None, (tmp_path / "coordinator.log").read_text()
-        try:
-            if httpx.get(f"{url}/readyz").status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, "coordinator not ready in 60 s"
-        time.sleep(0.1)
+    wait_until_ready(url, proc, tmp_path / "coordinator.log")
     yield url, tmp_path / "coordinator.log"
     proc.terminate()
     proc.wait(30)

@@ -21,7 +21,7 @@ import pytest
 
 from asyncopd import logs
 from asyncopd.ports import free_port
-from tests.helpers import ROOT, submit, tiny_job
+from tests.helpers import ROOT, submit, tiny_job, wait_until_ready
 
 TEXT_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (\S+) (\S+) ([A-Z]+) (.*?)(\S+): (.*)$")
 
@@ -239,15 +239,7 @@ def test_coordinator_with_json_format_writes_only_json_lines(redis_server, r, tm
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, out_path.read_text()
-            try:
-                if httpx.get(f"{url}/readyz").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "coordinator not ready in 60 s"
-            time.sleep(0.1)
+        wait_until_ready(url, proc, out_path)
         assert httpx.get(f"{url}/v1/jobs").status_code == 200
         yaml_body = {"content-type": "application/yaml"}
         assert httpx.post(f"{url}/v1/jobs", content=b"- not a mapping", headers=yaml_body).status_code == 422
