@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
@@ -35,6 +35,43 @@ class _Strict(BaseModel):
 
 class ModelRef(_Strict):
     model: str = Field(min_length=1, description="Local HF-format directory or Hugging Face hub id.")
+
+
+# The ranks vLLM's LoRA kernels are built for (vllm.config.lora.MaxLoRARanks): a rollout worker serves an
+# adapter of rank r with the smallest of these >= r, so a rank above the largest cannot be served.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+MODULE_NAME_PATTERN = r"^[A-Za-z0-9_.]{1,128}$"
+
+
+class Lora(_Strict):
+    """A PEFT LoRA adapter trained on the frozen student: each weight version is the adapter alone."""
+
+    rank: int = Field(16, ge=1, le=VLLM_LORA_RANKS[-1], description="LoRA rank r.")
+    alpha: float = Field(32.0, gt=0, le=1e6, description="LoRA alpha: the update is scaled by alpha / rank.")
+    target_modules: list[Annotated[str, Field(pattern=MODULE_NAME_PATTERN)]] | Literal["all-linear"] = Field(
+        "all-linear", description="Module names (suffixes, e.g. q_proj, v_proj) that get adapters, or "
+        "`all-linear`: every linear layer but the output head.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter's input while training.")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _some_modules(cls, value):
+        if isinstance(value, list) and not 1 <= len(value) <= 64:
+            raise ValueError("target_modules names 1 to 64 modules (or is `all-linear`)")
+        return sorted(set(value)) if isinstance(value, list) else value
+
+
+class StudentRef(ModelRef):
+    lora: Lora | None = Field(None, description="Train a LoRA adapter instead of the whole student.")
+    export_merged: bool = Field(False, description="With `lora`: also export the adapter merged into the base "
+                                "as a plain HF model in <output_dir>/student-merged.")
+
+    @model_validator(mode="after")
+    def _merged_needs_lora(self) -> StudentRef:
+        if self.export_merged and self.lora is None:
+            raise ValueError("student.export_merged needs student.lora (a fully trained student is exported "
+                             "whole in <output_dir>/student)")
+        return self
 
 
 class Prompts(_Strict):
@@ -120,7 +157,7 @@ class Eval(_Strict):
 
 class JobSpec(_Strict):
     name: str = Field("job", min_length=1, max_length=128, pattern=JOB_NAME_PATTERN)
-    student: ModelRef
+    student: StudentRef
     teacher: ModelRef
     prompts: Prompts
     objective: Annotated[ObjectiveSpec, Field(discriminator="kind")] = Field(default_factory=_default_objective)

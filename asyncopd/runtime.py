@@ -43,6 +43,8 @@ class ServiceRuntime:
     def __init__(self, service: str, grpc_name: str, settings: ServiceSettings) -> None:
         self.service, self.grpc_name, self.settings = service, grpc_name, settings
         self.redis = state.connect(settings.redis_url, settings.redis_password, settings.redis_outage_s)
+        # Heartbeats and readiness probes must answer at once, not ride out an outage like the work does.
+        self.probe = state.connect(settings.redis_url, settings.redis_password)
         self.stop = threading.Event()  # set on SIGTERM: finish what is held, take nothing new, exit
         self.heartbeats: threading.Thread | None = None
         self.health = health.HealthServicer()
@@ -105,15 +107,17 @@ class ServiceRuntime:
         beat = Heartbeat(service=self.service, instance=self.settings.instance, seen=time.time(), pid=os.getpid(),
                          host=self.host, grpc_port=self.grpc_port, metrics_port=self.metrics_port,
                          draining=self.stop.is_set(), **dataclasses.asdict(self.info))
-        state.heartbeat(self.redis, beat, self.settings.heartbeat_ttl_s)
+        state.heartbeat(self.probe, beat, self.settings.heartbeat_ttl_s)
 
     def _heartbeat_loop(self) -> None:
         stopping = False
         while True:
             try:
                 self.beat()  # once more after a stop, so the registry shows the instance draining at once
-            except Exception:  # Redis briefly away: the next beat retries; the TTL covers the gap.
-                log.exception("heartbeat failed")
+                self.health.set(self.grpc_name, SERVING if self.info.ready else NOT_SERVING)
+            except Exception as exc:  # Redis away: not ready (no progress possible) until a beat lands again
+                log.warning("heartbeat failed, not ready until Redis answers: %s", exc)
+                self.health.set(self.grpc_name, NOT_SERVING)
             if stopping:
                 break
             stopping = self.stop.wait(self.settings.heartbeat_ttl_s / 3)

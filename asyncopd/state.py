@@ -51,7 +51,8 @@ def service_key(service: str, instance: str) -> str:
 
 def connect(url: str, password: str | None = None, outage_s: float = 0.0) -> redis.Redis:
     """A client; with `outage_s`, each command rides out that long an unreachable Redis (a restart, a failover),
-    retrying with exponential backoff (50 ms doubling to 2 s), before it raises. Services set it; the CLI and
+    retrying with exponential backoff (50 ms doubling to 2 s), before it raises (a Redis still loading its
+    append-only file after a restart counts as unreachable). Services set it; the CLI and
     tools do not (they should say at once that Redis is not there)."""
     kwargs: dict = {"password": password} if password else {}
     if outage_s > 0:
@@ -60,7 +61,8 @@ def connect(url: str, password: str | None = None, outage_s: float = 0.0) -> red
         while waited < outage_s:
             retries += 1
             waited += min(2.0, 0.05 * 2**retries)
-        kwargs.update(retry=Retry(backoff, retries), retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+        unreachable = [redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError]
+        kwargs.update(retry=Retry(backoff, retries), retry_on_error=unreachable,
                       socket_connect_timeout=2, socket_keepalive=True, health_check_interval=15)
     return redis.Redis.from_url(url, decode_responses=True, **kwargs)
 

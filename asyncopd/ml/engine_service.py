@@ -37,6 +37,10 @@ class EngineService(ABC):
     @abstractmethod
     def model_name(self, job: state.ActiveJob) -> str: ...
 
+    def lora_rank(self, job: state.ActiveJob) -> int | None:
+        """The rank of LoRA adapters this service's engine must serve (the rollout of a LoRA student)."""
+        return None
+
     @abstractmethod
     def handle(self, work: list[tuple[streams.Message, streams.Entry]]) -> None:
         """Process entries of the active job; write downstream, then ack."""
@@ -74,7 +78,7 @@ class EngineService(ABC):
             engine = build_engine(s.engine, model, device=s.device, dtype=s.dtype, seed=job.spec.train.seed,
                                   max_model_len=s.max_model_len, kv_cache_bytes=s.kv_cache_bytes,
                                   gpu_memory_utilization=s.gpu_memory_utilization,
-                                  synthetic_latency_s=s.synthetic_latency_s)
+                                  synthetic_latency_s=s.synthetic_latency_s, lora_rank=self.lora_rank(job))
         except Exception as exc:  # a bad model path fails the job, never the worker
             log.exception("loading %s %s failed", self.role, model)
             reason = f"{self.role} could not load {model!r}: {exc}"

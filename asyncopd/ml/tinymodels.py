@@ -182,19 +182,32 @@ SIZES = {
     "example": SizePreset(hidden=64, layers=2, heads=2, kv_heads=1, intermediate=128, vocab=259),
     "25m": SizePreset(hidden=384, layers=6, heads=6, kv_heads=2, intermediate=1024, vocab=20000),
     "125m": SizePreset(hidden=768, layers=12, heads=12, kv_heads=4, intermediate=2048, vocab=32000),
+    # The GPU check's throughput pair (`asyncopd gpu-check`): a student and a teacher of one vocabulary (the
+    # teacher's top-K ids index the student's logits) and one tokenizer. 0.5b: Qwen2.5-0.5B's blocks (hidden
+    # 896, 24 layers, 14 heads of 64, 2 kv heads, SwiGLU 4864) with a 64K vocabulary, untied: 0.49 B
+    # parameters; 1.5b: Qwen2.5-1.5B's blocks (1536, 28 layers, 12 heads of 128, 2 kv heads, 8960): 1.51 B.
+    "0.5b": SizePreset(hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864, vocab=65536),
+    "1.5b": SizePreset(hidden=1536, layers=28, heads=12, kv_heads=2, intermediate=8960, vocab=65536),
+    # Their CPU rehearsal: the same roles at toy size.
+    "pair-student": SizePreset(hidden=64, layers=2, heads=2, kv_heads=1, intermediate=128, vocab=512),
+    "pair-teacher": SizePreset(hidden=128, layers=2, heads=2, kv_heads=1, intermediate=256, vocab=512),
 }
 
 
-def build_sizes(root: Path, names: list[str], seed: int = 0, log=print) -> dict[str, Path]:
+def build_sizes(root: Path, names: list[str], seed: int = 0, log=print, *, device: str = "cpu",
+                dtype: str | None = None) -> dict[str, Path]:
     """Random-init models of the named sizes in HF format (config, safetensors, the byte-level tokenizer; ids
-    above the tokenizer's are never produced by it but are real embedding rows), cached under root/sizes/."""
+    above the tokenizer's are never produced by it but are real embedding rows), cached under root/sizes/.
+    `device`: where the random init runs (a GPU makes billions of parameters in seconds); `dtype`: the saved
+    dtype (default float32). Both are part of the cache key when not the defaults."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     out = {}
     for name in names:
         p = SIZES[name]
-        key = hashlib.sha1(json.dumps([asdict(p), seed]).encode()).hexdigest()[:8]
+        made = [device, dtype] if (device, dtype) != ("cpu", None) else []
+        key = hashlib.sha1(json.dumps([asdict(p), seed, *made]).encode()).hexdigest()[:8]
         path = root / "sizes" / f"{name}-{key}"
         if not (path / "config.json").exists():
             t0 = time.time()
@@ -207,7 +220,12 @@ def build_sizes(root: Path, names: list[str], seed: int = 0, log=print) -> dict[
                 num_attention_heads=p.heads, num_key_value_heads=p.kv_heads, max_position_embeddings=512,
                 tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                 pad_token_id=tokenizer.pad_token_id)
-            model = LlamaForCausalLM(config)
+            with torch.device(device):
+                model = LlamaForCausalLM(config)
+            if dtype is not None:
+                from asyncopd.ml.dtypes import DTYPES
+
+                model = model.to(DTYPES[dtype])
             model.save_pretrained(tmp, safe_serialization=True)
             try:
                 tmp.rename(path)

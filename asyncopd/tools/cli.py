@@ -39,17 +39,28 @@ def read_job_file(path: Path) -> dict:
 def cmd_up(args) -> None:
     from asyncopd.tools import localstack
 
-    info = localstack.up(args.run_dir, http_port=args.http_port, engine=args.engine, rollouts=args.rollouts,
-                         learner_ranks=args.learner_ranks)
+    try:
+        info = localstack.up(args.run_dir, http_port=args.http_port, engine=args.engine, rollouts=args.rollouts,
+                             learner_ranks=args.learner_ranks, supervised=not args.no_supervise)
+    except (RuntimeError, TimeoutError) as exc:
+        sys.exit(f"asyncopd up: {exc}")
     print(f"asyncopd is up: API {info['api_url']} (docs at {info['api_url']}/docs), logs in {args.run_dir}/logs")
     if args.detach:
         return
     try:
-        while localstack.is_up(args.run_dir):
+        # Supervised: until `asyncopd down` or Ctrl-C; else until a service dies.
+        while localstack.load(args.run_dir) and (not args.no_supervise or localstack.is_up(args.run_dir)):
+            localstack.reap_children()  # this process started them: their exits must not linger as zombies
             time.sleep(1)
     except KeyboardInterrupt:
         pass
     localstack.down(args.run_dir)
+
+
+def cmd_restart(args) -> None:
+    from asyncopd.tools import localstack
+
+    print(f"{args.service} restarted (pid {localstack.restart(args.run_dir, args.service)})")
 
 
 def cmd_down(args) -> None:
@@ -266,8 +277,13 @@ def build_parser() -> argparse.ArgumentParser:
     stack_flags(p)
     p.add_argument("--learner-ranks", type=int, default=1, help="learner processes under torchrun")
     p.add_argument("--detach", action="store_true", help="return once every service is ready")
+    p.add_argument("--no-supervise", action="store_true",
+                   help="do not restart services that die (a supervisor process does by default)")
     p.set_defaults(func=cmd_up)
     sub.add_parser("down", help="stop the local stack").set_defaults(func=cmd_down)
+    p = sub.add_parser("restart", help="start a service of the local stack again (after it died)")
+    p.add_argument("service", choices=("redis", "coordinator", "teacher", "learner"))
+    p.set_defaults(func=cmd_restart)
     p = sub.add_parser("submit", help="submit a job file (YAML or JSON)")
     p.add_argument("file", type=Path)
     p.add_argument("--wait", action="store_true", help="follow the job with a progress bar until it ends")

@@ -64,7 +64,7 @@ def base_env(run_dir: Path, redis_url: str) -> dict[str, str]:
 def _spawn(args: list[str], env: dict, log: Path) -> subprocess.Popen:
     log.parent.mkdir(parents=True, exist_ok=True)
     full = {**os.environ, **env}
-    if "services.coordinator" not in args:
+    if "services.coordinator" not in args and "supervise" not in args:  # the supervisor restarts the coordinator
         for name in API_TOKEN_VARS:
             full.pop(name, None)
     with open(log, "ab") as out:
@@ -93,29 +93,78 @@ def service_command(name: str, learner_ranks: int) -> list[str]:
     return [sys.executable, "-m", f"services.{name}"]
 
 
-def restart(run_dir: Path, name: str, engine: str) -> int:
+def restart(run_dir: Path, name: str, engine: str | None = None) -> int:
     """Start one service of a running stack again (after it died) with the environment `up` gave it; `redis`
     restarts Redis on its port and data directory (its append-only file brings every key back)."""
     info = load(run_dir)
+    if info is None:
+        raise RuntimeError(f"no stack in {run_dir}")
+    engine = engine or info.get("engine", "vllm")
     if name == "redis":
         port = int(info["redis_url"].rsplit(":", 1)[1].split("/")[0])
         args = redis_command(run_dir.absolute() / "redis", port, os.environ.get("ASYNCOPD_REDIS_PASSWORD"))
         proc = _spawn(args, {}, run_dir.absolute() / "logs" / "redis.log")
     else:
         env = {**base_env(run_dir.absolute(), info["redis_url"]), "ASYNCOPD_ENGINE": engine}
-        proc = _spawn(service_command(name, 1), env, run_dir.absolute() / "logs" / f"{name}.log")
+        if name == "coordinator":
+            token = env_token("ASYNCOPD_API_TOKEN")
+            env |= {"ASYNCOPD_HTTP_HOST": "127.0.0.1", "ASYNCOPD_HTTP_PORT": info["api_url"].rsplit(":", 1)[1],
+                    "ASYNCOPD_ROLLOUT_REPLICAS": str(info["rollouts"]),
+                    **({"ASYNCOPD_API_TOKEN": token} if token else {})}
+        command = service_command(name, info.get("learner_ranks", 1))
+        proc = _spawn(command, env, run_dir.absolute() / "logs" / f"{name}.log")
+    info = load(run_dir) or info  # the supervisor may have written meanwhile
     info["pids"][name] = proc.pid
-    (run_dir.absolute() / "stack.json").write_text(json.dumps(info, indent=2))
+    _save(run_dir, info)
     return proc.pid
 
 
+def _save(run_dir: Path, info: dict) -> None:
+    path = run_dir.absolute() / "stack.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(info, indent=2))
+    os.replace(tmp, path)  # readers never see half a file
+
+
+def supervise(run_dir: Path, check_s: float = 1.0) -> None:
+    """Restart whatever of the stack dies (Redis, coordinator, teacher, learner), as Kubernetes restarts a
+    pod's container, until `down` marks the stack stopping. Rollout workers are the coordinator's
+    (its local pool replaces them). Runs as its own process (`up` starts it unless told not to)."""
+    restarts: dict[str, int] = {}
+    while True:
+        info = load(run_dir)
+        if info is None or info.get("stopping"):
+            return
+        for name, pid in info["pids"].items():
+            if pid_alive(pid):
+                continue
+            _reap(pid)
+            info = load(run_dir)
+            if info is None or info.get("stopping"):
+                return
+            restarts[name] = restarts.get(name, 0) + 1
+            print(f"{time.strftime('%H:%M:%S')} {name} (pid {pid}) exited; restart {restarts[name]}", flush=True)
+            restart(run_dir, name)
+            if name == "redis":
+                _wait_redis(int(info["redis_url"].rsplit(":", 1)[1].split("/")[0]),
+                            os.environ.get("ASYNCOPD_REDIS_PASSWORD"))
+        time.sleep(check_s)
+
+
 def up(run_dir: Path, *, http_port: int, engine: str, rollouts: int, learner_ranks: int = 1,
-       extra_env: dict | None = None, service_env: dict[str, dict] | None = None, timeout_s: float = 180) -> dict:
+       extra_env: dict | None = None, service_env: dict[str, dict] | None = None, timeout_s: float = 180,
+       supervised: bool = False) -> dict:
     """`extra_env` goes to every service; `service_env[name]` to one (rollout workers inherit the
-    coordinator's, which starts them)."""
+    coordinator's, which starts them). `supervised`: a supervisor process restarts what dies (`asyncopd up`
+    does this; tests that kill a service on purpose and restart it themselves do not)."""
     run_dir = run_dir.absolute()
-    if (run_dir / "stack.json").exists() and is_up(run_dir):
-        raise RuntimeError(f"a stack is already running from {run_dir} (asyncopd down first)")
+    previous = load(run_dir)
+    if previous is not None:
+        alive = sorted(n for n, pid in {**previous["pids"], "supervisor": previous.get("supervisor", 0)}.items()
+                       if pid and pid_alive(pid))
+        if alive:
+            raise RuntimeError(f"a stack is already running from {run_dir} ({', '.join(alive)} alive): "
+                               "asyncopd down first")
     redis_dir = run_dir / "redis"
     redis_dir.mkdir(parents=True, exist_ok=True)
     redis_port = free_port()
@@ -132,13 +181,20 @@ def up(run_dir: Path, *, http_port: int, engine: str, rollouts: int, learner_ran
         own = {**(coordinator_env if name == "coordinator" else env), **(service_env or {}).get(name, {})}
         procs[name] = _spawn(service_command(name, learner_ranks), own, run_dir / "logs" / f"{name}.log")
     info = {"api_url": f"http://127.0.0.1:{http_port}", "redis_url": redis_url, "run_dir": str(run_dir),
-            "pids": {name: p.pid for name, p in procs.items()}, "rollouts": rollouts}
-    (run_dir / "stack.json").write_text(json.dumps(info, indent=2))
+            "pids": {name: p.pid for name, p in procs.items()}, "rollouts": rollouts, "engine": engine,
+            "learner_ranks": learner_ranks}
+    _save(run_dir, info)
     try:
         wait_ready(info, rollouts, timeout_s, procs, token)
     except Exception:
         down(run_dir)
         raise
+    if supervised:
+        supervisor = _spawn([sys.executable, "-m", "asyncopd.tools.localstack", "supervise", str(run_dir)],
+                            {k: v for k, v in coordinator_env.items() if k in API_TOKEN_VARS},
+                            run_dir / "logs" / "supervisor.log")
+        info["supervisor"] = supervisor.pid
+        _save(run_dir, info)
     return info
 
 
@@ -150,7 +206,7 @@ def _wait_redis(port: int, password: str | None = None, timeout_s: float = 20) -
         try:
             redis.Redis(port=port, password=password or None).ping()
             return
-        except redis.ConnectionError:
+        except (redis.ConnectionError, redis.BusyLoadingError):
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.1)
@@ -216,6 +272,15 @@ def down(run_dir: Path, timeout_s: float = 60) -> None:
     info = load(run_dir)
     if info is None:
         return
+    info["stopping"] = True  # the supervisor restarts nothing from here on, and exits
+    _save(run_dir, info)
+    supervisor = info.get("supervisor")
+    if supervisor and pid_alive(supervisor):
+        os.kill(supervisor, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while pid_alive(supervisor) and time.monotonic() < deadline:  # it restarts nothing once it is gone
+            _reap(supervisor)
+            time.sleep(0.05)
     pids = info["pids"]
     for group in ([pids[n] for n in SERVICES if n in pids], [pids["redis"]]):
         for pid in group:
@@ -232,8 +297,24 @@ def down(run_dir: Path, timeout_s: float = 60) -> None:
     (run_dir.absolute() / "stack.json").unlink(missing_ok=True)
 
 
+def reap_children() -> None:
+    """Collect every exited child of this process (a zombie still answers `kill(pid, 0)`)."""
+    try:
+        while os.waitpid(-1, os.WNOHANG)[0]:
+            pass
+    except ChildProcessError:
+        pass
+
+
 def _reap(pid: int) -> None:
     try:
         os.waitpid(pid, os.WNOHANG)
     except ChildProcessError:
         pass
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3 or sys.argv[1] != "supervise":
+        sys.exit("usage: python -m asyncopd.tools.localstack supervise RUN_DIR")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    supervise(Path(sys.argv[2]))

@@ -30,7 +30,7 @@ def main() -> None:
         runtime.shutdown()
 
     app = create_app(store, runner, pool, settings.api_token, on_shutdown=shutdown,
-                     max_body_bytes=settings.max_body_bytes)
+                     max_body_bytes=settings.max_body_bytes, probe=runtime.probe)
     # log_config=None: uvicorn's loggers propagate to the root handler (same format) instead of its own.
     uvicorn.run(app, host=settings.http_host, port=settings.http_port, log_level=settings.log_level.lower(),
                 access_log=False, log_config=None)

@@ -162,8 +162,10 @@ class BodyLimit:
 
 
 def create_app(store: JobStore, runner: JobRunner, pool: RolloutPool, api_token: str | None,
-               on_shutdown=None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+               on_shutdown=None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, probe=None) -> FastAPI:
+    """`probe`: a Redis client that fails at once (no retries) for /readyz; default the store's."""
     r = store.r
+    probe = probe or r
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -216,7 +218,7 @@ def create_app(store: JobStore, runner: JobRunner, pool: RolloutPool, api_token:
     @app.get("/readyz", response_model=Status, response_model_exclude_none=True, responses={503: {"model": Status}})
     def readyz(response: Response):
         try:
-            r.ping()
+            probe.ping()
         except Exception as exc:
             response.status_code = 503
             return Status(status="redis unreachable", detail=str(exc))

@@ -2,6 +2,11 @@
 
 Every rank holds a `Trainer`; rank 0 alone talks to Redis and drives the others through `RankDriver` (see
 `ranks.py`), so every collective (the step's all-reduce, ZeRO-3 gathers) runs on all ranks in order.
+
+A job with `student.lora` trains a PEFT LoRA adapter on the frozen student (`asyncopd.ml.lora`): the optimizer
+holds the adapter alone, each version published is the adapter alone (the `adapter` weights transport),
+checkpoints leave out the frozen base (the job's student on disk is the base), and the export is the adapter
+in PEFT format (plus the merged model with `student.export_merged`).
 """
 
 from __future__ import annotations
@@ -53,14 +58,24 @@ class Trainer:
             else torch.device("cpu")
         torch.manual_seed(spec.train.seed)
         self.model = AutoModelForCausalLM.from_pretrained(spec.student.model, dtype=DTYPES[settings.dtype])
+        self.lora = spec.student.lora
+        if self.lora is not None:
+            from asyncopd.ml import lora
+
+            # Seeded above: every rank draws the same adapter initialisation.
+            self.model = lora.wrap(self.model, self.lora, spec.student.model)
+            self.config_json = lora.adapter_config_json(self.model)
+        else:
+            self.config_json = self.model.config.to_json_string()
         self.net = StudentLoss(self.model, settings.loss_chunk_tokens, settings.zero_stage)
         if self.rank == 0:
             if self.net.blocker:
                 log.warning("job %s: loss over full logits (not chunked): %s", job.id, self.net.blocker)
             else:
                 log.info("job %s: chunked loss, %d positions per chunk", job.id, settings.loss_chunk_tokens)
-        optimizer = torch.optim.AdamW(self.net.parameters(), lr=spec.train.learning_rate,
-                                      weight_decay=spec.train.weight_decay)
+        # The trainable parameters only: with LoRA the base is frozen and Adam needs no state for it.
+        trainable = [p for p in self.net.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=spec.train.learning_rate, weight_decay=spec.train.weight_decay)
         config = {
             "train_micro_batch_size_per_gpu": 1,
             "gradient_accumulation_steps": 1,
@@ -79,10 +94,12 @@ class Trainer:
         self.weights_root = settings.data_dir / "weights" / job.id
         # Rank 0 alone writes versions (the others only join the gather); a delta publisher also answers
         # repair requests from followers until `close`.
-        self.publisher = weights.learner_publisher(settings, self.weights_root, job.id) if self.rank == 0 else None
+        self.publisher = weights.learner_publisher(settings, self.weights_root, job.id, adapter=self.lora is not None) \
+            if self.rank == 0 else None
         self.version = 0
         if (self.ckpt_dir / "latest").exists():
-            _, client = self.engine.load_checkpoint(str(self.ckpt_dir))
+            # A LoRA checkpoint holds the adapter alone; the frozen base comes from the job's student.
+            _, client = self.engine.load_checkpoint(str(self.ckpt_dir), load_module_strict=self.lora is None)
             self.version = int(client["version"])
             log.info("resumed job %s at version %d", job.id, self.version)
 
@@ -145,13 +162,27 @@ class Trainer:
         return StepResult(loss=0.0, behavior_kl=0.0, tokens=0, step_s=0.0, objective={})
 
     def _full_state_dict(self) -> dict | None:
-        if self.settings.zero_stage == 3:
-            import deepspeed
+        """What a version holds, on rank 0 (None elsewhere): the whole student, or with LoRA the adapter's
+        tensors under PEFT's names (under ZeRO-3 only the adapter is gathered). Collective under ZeRO-3."""
+        if self.lora is not None:
+            from asyncopd.ml.lora import adapter_state
 
-            params = list(self.model.parameters())
-            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-                return {k: v.clone() for k, v in self.model.state_dict().items()} if self.rank == 0 else None
-        return self.model.state_dict() if self.rank == 0 else None
+            with self._gathered([p for p in self.model.parameters() if p.requires_grad]):
+                return adapter_state(self.model) if self.rank == 0 else None
+        with self._gathered(list(self.model.parameters())):
+            if self.rank != 0:
+                return None
+            state = self.model.state_dict()
+            return {k: v.clone() for k, v in state.items()} if self.settings.zero_stage == 3 else state
+
+    def _gathered(self, params: list):
+        if self.settings.zero_stage != 3:
+            import contextlib
+
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
     def publish(self) -> str:
         """Write the current weights as version `self.version` through the configured weights transport.
@@ -159,7 +190,7 @@ class Trainer:
         state = self._full_state_dict()
         if self.publisher is None:
             return str(weights.version_dir(self.weights_root, self.version))
-        location = self.publisher.publish(self.version, state, self.model.config.to_json_string())
+        location = self.publisher.publish(self.version, state, self.config_json)
         weights_metrics.PUBLISHED_BYTES.inc(self.publisher.last_bytes())
         self.publisher.prune(self.version - self.spec.max_staleness - self.settings.keep_versions)
         return location
@@ -169,25 +200,39 @@ class Trainer:
             self.publisher.close()
 
     def checkpoint(self) -> None:
-        self.engine.save_checkpoint(str(self.ckpt_dir), tag=f"v{self.version}",
-                                    client_state={"version": self.version})
+        self.engine.save_checkpoint(str(self.ckpt_dir), tag=f"v{self.version}", client_state={"version": self.version},
+                                    exclude_frozen_parameters=self.lora is not None)
 
     def export(self) -> Path:
-        """The distilled student in HF format, tokenizer included: what the user came for. Collective."""
-        from transformers import AutoTokenizer
-
+        """The distilled student, tokenizer included: what the user came for. Collective. In HF format, or with
+        LoRA the adapter in PEFT format (adapter_config.json names the base it applies to), and on request the
+        adapter merged into the base as a plain HF model beside it."""
         target = self.out / "student"
         state = self._full_state_dict()
         if self.rank == 0:
-            from asyncopd.outputs import owner
+            if self.lora is None:
+                self._write_result(target, lambda tmp: self.model.save_pretrained(tmp, state_dict=state))
+            else:
+                from asyncopd.ml import lora
 
-            tmp = target.with_name(target.name + ".tmp")
-            if (target.exists() or tmp.exists()) and owner(self.out) != self.job.id:  # not ours: never delete
-                raise RuntimeError(f"{target} exists and {self.out} is not this job's output directory: "
-                                   "refusing to replace it")
-            shutil.rmtree(tmp, ignore_errors=True)
-            self.model.save_pretrained(tmp, state_dict=state)
-            AutoTokenizer.from_pretrained(self.spec.student.model).save_pretrained(tmp)
-            weights.commit_dir(tmp, target)
+                self._write_result(target, lambda tmp: lora.save_adapter(tmp, state, self.config_json))
+                if self.spec.student.export_merged:
+                    merged = lora.load_merged(target, DTYPES[self.settings.dtype], base=self.spec.student.model)
+                    self._write_result(self.out / "student-merged", lambda tmp: merged.save_pretrained(tmp))
         return target
+
+    def _write_result(self, target: Path, write) -> None:
+        """`write(tmp)`, the tokenizer beside it, then `tmp` renamed to `target`; never over what is not ours."""
+        from transformers import AutoTokenizer
+
+        from asyncopd.outputs import owner
+
+        tmp = target.with_name(target.name + ".tmp")
+        if (target.exists() or tmp.exists()) and owner(self.out) != self.job.id:  # not ours: never delete
+            raise RuntimeError(f"{target} exists and {self.out} is not this job's output directory: "
+                               "refusing to replace it")
+        shutil.rmtree(tmp, ignore_errors=True)
+        write(tmp)
+        AutoTokenizer.from_pretrained(self.spec.student.model).save_pretrained(tmp)
+        weights.commit_dir(tmp, target)
 

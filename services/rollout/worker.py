@@ -14,7 +14,7 @@ from asyncopd import phases, streams
 from asyncopd.ml.engine_service import EngineService
 from asyncopd.ml.engines import Completion
 from asyncopd.ml.weights.follow import Follower
-from asyncopd.ml.weights.transports import setup_follower
+from asyncopd.ml.weights.transports import ADAPTER, setup_follower
 from asyncopd.streams import PromptEntry, RolloutEntry
 from services.rollout import metrics
 from services.rollout.settings import RolloutSettings
@@ -44,9 +44,14 @@ class RolloutWorker(EngineService):
     def model_name(self, job):
         return job.spec.student.model
 
+    def lora_rank(self, job):
+        return job.spec.student.lora.rank if job.spec.student.lora else None
+
     def load(self, job) -> bool:
-        # A fresh follower per job: lineage 0 (the job's initial student) and no cached delta base.
-        transport = setup_follower(self.settings.weights_transport, redis=self.r, job_id=job.id)
+        # A fresh follower per job: lineage 0 (the job's initial student) and no cached delta base. A LoRA
+        # student's versions are adapters over the base loaded here once, whatever the transport setting.
+        kind = ADAPTER if job.spec.student.lora else self.settings.weights_transport
+        transport = setup_follower(kind, redis=self.r, job_id=job.id)
         self.follower = Follower(self.r, job.id, transport, reload_lag=self.reload_lag, wait_s=self.weight_wait_s,
                                  stop=self.rt.stop, on_load=self._loaded)
         return super().load(job)

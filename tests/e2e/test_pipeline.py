@@ -190,7 +190,11 @@ def test_a_30_second_redis_outage_mid_job_is_ridden_out(stack, tiny_models):
             time.sleep(0.02)
     info = localstack.load(run_dir)
     os.kill(info["pids"]["redis"], signal.SIGTERM)
-    time.sleep(30)
+    time.sleep(2)
+    t0 = time.monotonic()
+    assert httpx.get(f"{api}/readyz", timeout=10).status_code == 503  # at once: the probe does not retry
+    assert time.monotonic() - t0 < 3
+    time.sleep(28)
     localstack.restart(run_dir, "redis", stack["engine"])
     done = wait_job(api, job["id"], timeout_s=300)
     check_accounting(done, job_steps(api, job["id"]), 2)

@@ -197,3 +197,23 @@ def test_openapi_declares_every_response_shape_and_the_one_error_shape(api):
         assert schema["$ref"].endswith(f"/{model}"), (path, method, schema)
         assert ref[(path, method)]["404"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
     assert {"StepRecord", "EvalRecord", "Heartbeat", "JobProgress", "FieldError"} <= doc["components"]["schemas"].keys()
+
+
+def test_concurrent_submissions_queue_in_created_at_order(api):
+    """Twenty clients submit at once: the queue order and the creation times agree (one Redis-stamped script
+    per submission, never a time taken before the transaction)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from asyncopd.client import Client
+
+    spec = {"name": "burst", "student": {"model": "/nope/s"}, "teacher": {"model": "/nope/t"},
+            "prompts": {"path": "/nope.jsonl"}}
+    with Client(api) as c, ThreadPoolExecutor(20) as pool:
+        jobs = list(pool.map(lambda _: c.submit(spec), range(20)))
+        views = [c.job(j.id) for j in jobs]
+        queued = sorted((v for v in views if v.queue_position is not None), key=lambda v: v.queue_position)
+        assert [v.created_at for v in queued] == sorted(v.created_at for v in queued)
+        assert len({v.created_at for v in views}) == 20
+        for j in jobs:
+            if c.job(j.id).state == "queued":
+                c.cancel(j.id)

@@ -6,12 +6,16 @@ from asyncopd.ml.engines.base import Completion, Engine, SequenceScores
 
 
 def build_engine(kind: str, model: str, *, device: str, dtype: str, seed: int, max_model_len: int,
-                 kv_cache_bytes: int, gpu_memory_utilization: float, synthetic_latency_s: float = 0.0) -> Engine:
+                 kv_cache_bytes: int, gpu_memory_utilization: float, synthetic_latency_s: float = 0.0,
+                 lora_rank: int | None = None) -> Engine:
+    """`lora_rank`: the engine will serve LoRA adapters up to this rank (`Engine.load_adapter`); vLLM must know
+    it when it starts, the HF engine wraps its model at the first adapter."""
     if kind == "vllm":
         from asyncopd.ml.engines.vllm_engine import VLLMEngine
 
         return VLLMEngine(model, device=device, dtype=dtype, seed=seed, max_model_len=max_model_len,
-                          kv_cache_bytes=kv_cache_bytes, gpu_memory_utilization=gpu_memory_utilization)
+                          kv_cache_bytes=kv_cache_bytes, gpu_memory_utilization=gpu_memory_utilization,
+                          lora_rank=lora_rank)
     if kind == "hf":
         from asyncopd.ml.engines.hf_engine import HFEngine
 

@@ -57,5 +57,11 @@ class Engine(ABC):
         version the delta transport rebuilt in memory. Called between requests only."""
         raise NotImplementedError(f"{type(self).__name__} loads weights from a path only")
 
+    def load_adapter(self, path: str, version: int, tensors: dict | None = None) -> None:
+        """Serve the base model (loaded once, never changed) with the LoRA adapter at `path` (PEFT layout);
+        `tensors` are its weights, already read and verified, for engines that take them in memory. Replaces
+        the previous version's adapter. Called between requests only."""
+        raise NotImplementedError(f"{type(self).__name__} cannot serve LoRA adapters")
+
     def close(self) -> None:
         """Free the model."""

@@ -110,5 +110,21 @@ class HFEngine(Engine):
                              f"unexpected={unexpected}")
         self.version = version
 
+    def load_adapter(self, path, version, tensors=None):
+        """The first version wraps the model with PEFT's LoRA layers (base weights untouched); later versions
+        copy their tensors into those layers in place. Unmerged: merging per version would rewrite every
+        targeted base weight, and unmerging again accumulates rounding."""
+        from asyncopd.ml import lora
+
+        if tensors is None:
+            from safetensors.torch import load_file
+
+            tensors = load_file(f"{path}/{lora.ADAPTER_WEIGHTS}", device=str(self.device))
+        if getattr(self.model, "peft_config", None) is None:
+            self.model = lora.apply(self.model, path, tensors).to(self.device).eval()
+        else:
+            lora.set_adapter_tensors(self.model, tensors)
+        self.version = version
+
     def close(self):
         del self.model

@@ -41,3 +41,6 @@ class SyntheticEngine(Engine):
 
     def load_tensors(self, tensors, version):
         self.version = version
+
+    def load_adapter(self, path, version, tensors=None):
+        self.version = version

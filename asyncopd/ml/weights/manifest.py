@@ -41,7 +41,7 @@ class TensorEntry:
 
 @dataclass
 class Manifest:
-    kind: str  # "full" | "delta"
+    kind: str  # "full" | "delta" | "adapter" (a LoRA adapter alone, PEFT layout: transports/adapter.py)
     version: int
     dtype: str
     tensors: dict[str, TensorEntry]

@@ -15,15 +15,35 @@ log = logging.getLogger(__name__)
 
 
 class LocalPool(RolloutPool):
-    """Rollout workers as child processes of the coordinator (`asyncopd up`)."""
+    """Rollout workers as child processes of the coordinator (`asyncopd up`), kept at the desired count the
+    way a Deployment keeps its replicas: a worker that exits (killed, crashed, drained) is reaped and replaced
+    within `check_s`."""
 
-    def __init__(self, replicas: int, log_dir: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, replicas: int, log_dir: Path, env: dict[str, str] | None = None, check_s: float = 1.0) -> None:
         self.log_dir, self.env = log_dir, env or {}
         self.procs: list[subprocess.Popen] = []
         self.stopping: list[subprocess.Popen] = []
         self.lock = threading.Lock()
         self.counter = 0
+        self.restarts = 0
+        self.closed = threading.Event()
         self.scale(replicas)
+        self.supervisor = threading.Thread(target=self._supervise, args=(check_s,), daemon=True,
+                                           name="rollout-pool")
+        self.supervisor.start()
+
+    def _supervise(self, check_s: float) -> None:
+        while not self.closed.wait(check_s):
+            with self.lock:
+                if self.closed.is_set():
+                    return
+                self.stopping = [p for p in self.stopping if p.poll() is None]  # reaps the ones that are done
+                for i, proc in enumerate(self.procs):
+                    if proc.poll() is not None:
+                        log.warning("rollout worker pid %d exited with %s; starting a replacement", proc.pid,
+                                    proc.returncode)
+                        self.procs[i] = self._spawn()
+                        self.restarts += 1
 
     def desired(self) -> int:
         return len(self.procs)
@@ -54,6 +74,7 @@ class LocalPool(RolloutPool):
         return proc
 
     def close(self) -> None:
+        self.closed.set()
         self.scale(0)
         for proc in self.stopping:
             try:

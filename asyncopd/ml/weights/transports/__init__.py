@@ -8,6 +8,8 @@ from pathlib import Path
 from asyncopd.ml.weights.transports.base import WeightFollower, WeightPublisher
 
 TRANSPORTS = ("filesystem", "delta")
+# Not a setting: a job with `student.lora` publishes and follows adapter versions whatever the setting says.
+ADAPTER = "adapter"
 
 
 def setup_publisher(transport: str, root: Path, *, dtype: str = "float32", full_every: int = 8, redis=None,
@@ -29,6 +31,10 @@ def setup_publisher(transport: str, root: Path, *, dtype: str = "float32", full_
             publisher.responder = RepairResponder(redis, job_id, publisher.write_full_copy,
                                                   job_done or (lambda: False))
         return publisher
+    if transport == ADAPTER:
+        from asyncopd.ml.weights.transports.adapter import AdapterPublisher
+
+        return AdapterPublisher(root, DTYPES[dtype])
     raise ValueError(f"unknown weights transport {transport!r}; one of {TRANSPORTS}")
 
 
@@ -41,7 +47,11 @@ def setup_follower(transport: str, *, redis=None, job_id: str | None = None) -> 
         from asyncopd.ml.weights.transports.delta import DeltaFollower
 
         return DeltaFollower(redis, job_id)
+    if transport == ADAPTER:
+        from asyncopd.ml.weights.transports.adapter import AdapterFollower
+
+        return AdapterFollower()
     raise ValueError(f"unknown weights transport {transport!r}; one of {TRANSPORTS}")
 
 
-__all__ = ["TRANSPORTS", "WeightFollower", "WeightPublisher", "setup_follower", "setup_publisher"]
+__all__ = ["ADAPTER", "TRANSPORTS", "WeightFollower", "WeightPublisher", "setup_follower", "setup_publisher"]

@@ -26,16 +26,18 @@ def dtype_name(t: torch.Tensor) -> str:
 
 
 def write_full(target: Path, version: int, tensors: dict[str, torch.Tensor], config_json: str,
-               dtype: torch.dtype) -> Manifest:
-    """Write a full version in HF layout with its manifest, renamed into place once complete."""
+               dtype: torch.dtype, *, kind: str = "full", weights_file: str = WEIGHTS_FILE,
+               config_file: str = "config.json") -> Manifest:
+    """Write a full version in HF layout with its manifest, renamed into place once complete. The `adapter`
+    transport writes its versions through here too, in PEFT's file names (`kind="adapter"`)."""
     from safetensors.torch import save_file
 
     tmp = fresh_tmp(target)
-    save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
-    (tmp / "config.json").write_text(config_json)
+    save_file(tensors, tmp / weights_file, metadata={"format": "pt"})
+    (tmp / config_file).write_text(config_json)
     entries = {name: TensorEntry(list(t.shape), dtype_name(t), checksum(t)) for name, t in tensors.items()}
     files = {f.name: f.stat().st_size for f in tmp.iterdir()}
-    manifest = Manifest("full", version, DTYPE_NAMES[dtype], entries, files)
+    manifest = Manifest(kind, version, DTYPE_NAMES[dtype], entries, files)
     manifest.write(tmp)
     replace_dir(tmp, target)
     return manifest
