@@ -10,6 +10,7 @@ job with the reason; it never makes the list fail for everyone.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import uuid
@@ -24,6 +25,12 @@ from asyncopd.jobspec import JobSpec
 from asyncopd.records import JOB_STATES, TERMINAL_STATES, EvalRecord, Progress, RecordError, StepRecord
 
 log = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=1024)
+def parse_spec(text: str) -> JobSpec:
+    """A stored spec never changes: every status read of a job would validate the same text again."""
+    return JobSpec.model_validate_json(text)
 
 
 class JobNotFound(KeyError):
@@ -63,7 +70,7 @@ class JobStore:
         return bool(self.r.exists(state.job_key(job_id)))
 
     def spec(self, job_id: str) -> JobSpec:
-        return JobSpec.model_validate_json(self.r.hget(state.job_key(job_id), "spec"))
+        return parse_spec(self.r.hget(state.job_key(job_id), "spec"))
 
     def field(self, job_id: str, name: str) -> str | None:
         return self.r.hget(state.job_key(job_id), name)
@@ -166,7 +173,7 @@ class JobStore:
     def _view(self, job_id, h, progress_hash, lost, queue_index, last_eval, version) -> JobView:
         if h.get("state") not in JOB_STATES:
             raise ValueError(f"unknown state {h.get('state')!r}")
-        spec = JobSpec.model_validate_json(h["spec"])
+        spec = parse_spec(h["spec"])
         progress = Progress.from_hash(progress_hash)
         released_batches = int(h.get("released_batches", 0))
         return JobView(

@@ -111,7 +111,13 @@ class StudentLoss(torch.nn.Module):
             return chunked_student_logprobs_loss(hidden, weight, batch, objective, chunk)
 
     def _gathered(self, weight: torch.nn.Parameter):
-        if self.zero_stage != 3:
+        # Under ZeRO-3, reading the weight inside this forward makes DeepSpeed (0.19) gather it and register it
+        # as an external parameter of this module, which it then fetches before and releases after every later
+        # forward. Gathering it again here would partition it on exit while DeepSpeed still counts it in use
+        # ("Cannot free a ZeRO-3 parameter while it is still active", from the second step on): gather only a
+        # weight that is not already available.
+        from_deepspeed = getattr(weight, "ds_status", None)
+        if self.zero_stage != 3 or from_deepspeed is None or from_deepspeed.name == "AVAILABLE":
             return contextlib.nullcontext()
         import deepspeed
 

@@ -40,7 +40,7 @@ def all_params(trainer) -> dict[str, torch.Tensor]:
         return {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
 
 
-def merged_logprobs(location: str) -> list[list[float]]:
+def merged_logprobs(location: str, prompts=PROMPTS, completions=COMPLETIONS) -> list[list[float]]:
     """Sampled-token log-probs of the published version merged into the base: the reference every engine's
     adapter path must reproduce."""
     from asyncopd.ml.weights.hf import load_causal_lm
@@ -48,7 +48,7 @@ def merged_logprobs(location: str) -> list[list[float]]:
     model = load_causal_lm(location, torch.float32).eval()
     out = []
     with torch.no_grad():
-        for p, c in zip(PROMPTS, COMPLETIONS, strict=True):
+        for p, c in zip(prompts, completions, strict=True):
             logp = torch.log_softmax(model(torch.tensor([p + c])).logits[0].float(), -1)
             out.append([float(logp[len(p) - 1 + j, t]) for j, t in enumerate(c)])
     return out
@@ -155,9 +155,10 @@ def test_the_export_is_a_peft_adapter_and_a_merged_model_that_load_alike(distrib
     assert merged_logprobs(str(adapter_dir)) == merged_logprobs(str(merged_dir))  # what `asyncopd eval` loads
 
 
-def _vllm_adapter_logprobs(student: str, locations: list[str]) -> list[list[list[float]]]:
+def _vllm_adapter_logprobs(student: str, locations: list[str]) -> list[dict]:
     """In a fresh process (an in-process vLLM tears torch.distributed down when it closes): the student with
-    LoRA enabled, each adapter version applied in turn; the sampled-token log-probs under each."""
+    LoRA enabled, each adapter version applied in turn; per version, what the rollout path reports (sampled
+    completions and their log-probs) and the scores of the fixed completions."""
     from asyncopd.ml.engines import build_engine
     from asyncopd.ml.weights.transports import ADAPTER, setup_follower
 
@@ -168,9 +169,10 @@ def _vllm_adapter_logprobs(student: str, locations: list[str]) -> list[list[list
         for version, location in enumerate(locations, 1):
             follower.load(location, version, engine)
             assert engine.version == version and engine.lora.lora_path == location
-            out.append([s.sampled_logprobs for s in engine.score(PROMPTS, COMPLETIONS, top_k=2)])
-            completions = engine.generate([PROMPTS[0]], n=2, max_tokens=4, temperature=1.0, seeds=[1])[0]
-            assert all(c.token_ids for c in completions)
+            sampled = engine.generate(PROMPTS, n=2, max_tokens=4, temperature=1.0, seeds=[1, 2])
+            out.append({"completions": [[c.token_ids for c in cs] for cs in sampled],
+                        "logprobs": [[c.logprobs for c in cs] for cs in sampled],
+                        "scores": [s.sampled_logprobs for s in engine.score(PROMPTS, COMPLETIONS, top_k=2)]})
         assert engine.llm.llm_engine.list_loras() == {engine.lora.lora_int_id}  # older versions removed
         return out
     finally:
@@ -189,6 +191,9 @@ def test_vllm_serves_each_adapter_version_like_the_merged_model(distributed, tin
         locations.append(trainer.publish())
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         got = pool.submit(_vllm_adapter_logprobs, str(tiny_models["student"]), locations).result()
-    for location, scores in zip(locations, got, strict=True):
-        assert close(scores, merged_logprobs(location), tol=1e-4)
-    assert not close(got[0], got[1], tol=1e-4)  # the second version was really applied
+    for location, version in zip(locations, got, strict=True):
+        assert close(version["scores"], merged_logprobs(location, PROMPTS, COMPLETIONS), tol=1e-4)
+        for prompt, completions, logprobs in zip(PROMPTS, version["completions"], version["logprobs"], strict=True):
+            want = merged_logprobs(location, [prompt] * len(completions), completions)
+            assert close(logprobs, want, tol=1e-4)  # the rollout's behaviour log-probs are the adapter's
+    assert not close(got[0]["scores"], got[1]["scores"], tol=1e-4)  # the second version was really applied

