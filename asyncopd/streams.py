@@ -30,6 +30,7 @@ ROLLOUTS = "asyncopd:rollouts"
 SCORED = "asyncopd:scored"
 DEAD_LETTER = "asyncopd:dead-letter"
 DATA_STREAMS = (PROMPTS, ROLLOUTS, SCORED)
+DEAD_LETTER_MAXLEN = 100_000
 
 DEAD_LETTERS = Counter("asyncopd_dead_letter_entries_total", "Entries moved to the dead-letter stream.", ["stream"])
 for _stream in DATA_STREAMS:  # at zero from start-up: increase()/rate() need the series before the first one
@@ -276,7 +277,9 @@ class StreamConsumer:
     def dead_letter(self, msg: Message, reason: str, entry: Entry | None = None) -> None:
         log.warning("dead-lettering %s %s: %s", self.stream, msg.id, reason)
         pipe = self.r.pipeline()
-        pipe.xadd(DEAD_LETTER, {"stream": self.stream, "id": msg.id, "reason": reason[:500], **msg.fields})
+        # Capped: a poison flood must not grow Redis without bound (the counter keeps the total).
+        pipe.xadd(DEAD_LETTER, {"stream": self.stream, "id": msg.id, "reason": reason[:500], **msg.fields},
+                  maxlen=DEAD_LETTER_MAXLEN, approximate=True)
         if entry is not None:
             pipe.hincrby(lost_key(entry.job_id), str(entry.batch), entry.lost_samples())
         pipe.xack(self.stream, self.group, msg.id)

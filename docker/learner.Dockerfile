@@ -21,8 +21,10 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
-# zstandard + xxhash: the `delta` weights transport (the `ml` extra, which pins the CPU torch, is not used).
-RUN pip install "torch==${TORCH_VERSION}" "${TRANSFORMERS_SPEC}" safetensors numpy zstandard xxhash setuptools wheel
+# zstandard + xxhash: the `delta` weights transport; peft: LoRA students (the `ml` extra, which pins the CPU
+# torch, is not used).
+RUN pip install "torch==${TORCH_VERSION}" "${TRANSFORMERS_SPEC}" safetensors numpy zstandard xxhash peft \
+    setuptools wheel
 # DeepSpeed's setup.py inspects the installed torch, hence --no-build-isolation.
 RUN DS_BUILD_OPS=${DS_BUILD_OPS} DS_BUILD_FUSED_ADAM=${DS_BUILD_OPS} DS_BUILD_CPU_ADAM=${DS_BUILD_OPS} \
     TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST}" \

@@ -21,9 +21,10 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_BREAK_SYSTEM_PACKAGES
 COPY --from=build /wheels /wheels
 # The constraints pin every installed distribution: asyncopd's base dependencies may be added, but the
 # image's torch/vLLM/transformers stack cannot be up- or downgraded (the install fails instead).
-# zstandard + xxhash: the `delta` weights transport (from the `ml` extra, whose CPU torch pin is not wanted).
+# zstandard + xxhash: the `delta` weights transport; peft: LoRA adapters on the HF engine (vLLM serves them
+# itself) (from the `ml` extra, whose CPU torch pin is not wanted).
 RUN python3 -m pip list --format=freeze > /tmp/constraints.txt \
-    && python3 -m pip install -c /tmp/constraints.txt /wheels/*.whl zstandard xxhash \
+    && python3 -m pip install -c /tmp/constraints.txt /wheels/*.whl zstandard xxhash peft \
     && rm -rf /wheels /tmp/constraints.txt \
     && (command -v python >/dev/null || ln -s "$(command -v python3)" /usr/local/bin/python) \
     && python -c "import importlib.util as u, sys; sys.exit(u.find_spec('services.rollout.__main__') is None)"

@@ -258,6 +258,12 @@ def cmd_bench(args) -> None:
     run(args)
 
 
+def cmd_gpu_check(args) -> None:
+    from asyncopd.tools.gpucheck import main as gpu_check
+
+    sys.exit(gpu_check(args.args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="asyncopd", description="Asynchronous on-policy distillation.")
     ap.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR, help="local stack state and logs")
@@ -353,6 +359,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights-engines", nargs="+", choices=("hf", "vllm"), default=["hf", "vllm"],
                    help="weights suite: engines whose reload is timed")
     p.set_defaults(func=cmd_bench)
+    p = sub.add_parser("gpu-check", help="the CUDA paths end to end with numbers (scripts/gpu-check.sh installs "
+                       "what a GPU machine lacks first); --device cpu rehearses it", add_help=False)
+    p.add_argument("args", nargs=argparse.REMAINDER, help="asyncopd.tools.gpucheck's flags (--help lists them)")
+    p.set_defaults(func=cmd_gpu_check)
     return ap
 
 

@@ -203,6 +203,20 @@ def test_dockerignore_keeps_secrets_and_caches_out():
         assert not dockerignore_excludes(path), path
 
 
+def test_model_images_install_the_ml_extra_beyond_their_cuda_stack():
+    """The learner and rollout images install the `ml` extra's packages by name (the extra itself pins the
+    development machines' CPU torch): a package added to the extra must be added to their pip installs too."""
+    import tomllib
+
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["ml"]
+    names = {re.split(r"[<>=!~\[ ]", req, maxsplit=1)[0].lower() for req in extra}
+    cuda_stack = {"torch", "transformers", "safetensors", "numpy"}  # the CUDA builds: from the base image or pinned
+    for service in ("learner", "rollout"):
+        installed = {word.strip('"').lower() for kind, rest in instructions(DOCKER / f"{service}.Dockerfile")
+                     if kind == "RUN" and "pip install" in rest for word in shlex.split(rest, posix=False)}
+        assert names - cuda_stack <= installed, (service, names - cuda_stack - installed)
+
+
 def test_chart_images_are_the_ones_make_images_builds():
     values = yaml.safe_load((chartcheck.CHART / "values.yaml").read_text())
     mk = (ROOT / "deploy" / "chart.mk").read_text()

@@ -1,0 +1,100 @@
+"""The data plane at realistic lengths: bytes, encode/decode and Redis time of scored samples by top-K and
+completion length, and the Redis memory a step's worth of them holds.
+
+    .venv/bin/python benchmarks/dataplane.py [--samples 64] [--k 8 32 64] [--lengths 256 1024 2048]
+
+A scored sample carries per completion token its id, behaviour and teacher log-probs and K (id, log-prob)
+pairs of the teacher's cache. For each (K, L): the entry's size on the wire (Redis stream fields), the
+encode (`to_fields`) and decode (`from_fields`) time per sample, the XADD time of one step (`--samples`
+entries in one transaction, as the teacher writes them) plus XRANGE + XDEL (as the learner reads and acks),
+and Redis `used_memory` with that step in the stream. Prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from asyncopd.streams import ScoredEntry  # noqa: E402
+
+
+def entry(k: int, length: int, rnd: random.Random) -> ScoredEntry:
+    lp = [-rnd.random() * 5 for _ in range(length)]
+    return ScoredEntry(job_id="j", batch=0, sample_id=f"b0-p{rnd.randrange(10**6)}-s0",
+                       prompt_token_ids=[rnd.randrange(150_000) for _ in range(128)],
+                       completion_token_ids=[rnd.randrange(150_000) for _ in range(length)], behavior_logprobs=lp,
+                       policy_version=0, top_k=k, teacher_sampled_logprobs=lp,
+                       support_ids=[rnd.randrange(150_000) for _ in range(length * k)],
+                       teacher_support_logprobs=[-rnd.random() * 5 for _ in range(length * k)])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--samples", type=int, default=64)
+    ap.add_argument("--k", type=int, nargs="+", default=[8, 32, 64])
+    ap.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 2048])
+    args = ap.parse_args()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    data = tempfile.mkdtemp()
+    server = subprocess.Popen([shutil.which("redis-server") or "redis-server", "--port", str(port), "--save", "",
+                               "--dir", data], stdout=subprocess.DEVNULL)
+    rnd = random.Random(0)
+    try:
+        r = redis.Redis(port=port)
+        for _ in range(100):
+            try:
+                r.ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        print(f"| K | completion tokens | bytes/sample | bytes/token | encode ms/sample | decode ms/sample | "
+              f"XADD {args.samples} (ms) | read + ack (ms) | Redis MiB for the step |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for k in args.k:
+            for length in args.lengths:
+                entries = [entry(k, length, rnd) for _ in range(args.samples)]
+                t0 = time.perf_counter()
+                fields = [e.to_fields() for e in entries]
+                encode = (time.perf_counter() - t0) / len(entries)
+                size = sum(len(f["body"]) + len(f["schema"]) for f in fields) / len(fields)
+                r.flushall()
+                base = r.info("memory")["used_memory"]
+                t0 = time.perf_counter()
+                pipe = r.pipeline(transaction=True)
+                for f in fields:
+                    pipe.xadd("s", f)
+                ids = pipe.execute()
+                xadd = time.perf_counter() - t0
+                memory = (r.info("memory")["used_memory"] - base) / 2**20
+                t0 = time.perf_counter()
+                got = r.xrange("s")
+                r.xdel("s", *ids)
+                read_ack = time.perf_counter() - t0
+                raw = [{key.decode(): value.decode() for key, value in f.items()} for _, f in got]
+                t0 = time.perf_counter()
+                for f in raw:
+                    ScoredEntry.from_fields(f)
+                decode = (time.perf_counter() - t0) / len(raw)
+                print(f"| {k} | {length} | {size:,.0f} | {size / length:,.0f} | {encode * 1000:.2f} | "
+                      f"{decode * 1000:.2f} | {xadd * 1000:.0f} | {read_ack * 1000:.0f} | {memory:.1f} |", flush=True)
+    finally:
+        server.terminate()
+        server.wait(10)
+        shutil.rmtree(data, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
