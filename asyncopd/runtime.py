@@ -112,15 +112,17 @@ class ServiceRuntime:
     def _heartbeat_loop(self) -> None:
         stopping = False
         while True:
+            period = self.settings.heartbeat_ttl_s / 3
             try:
                 self.beat()  # once more after a stop, so the registry shows the instance draining at once
                 self.health.set(self.grpc_name, SERVING if self.info.ready else NOT_SERVING)
             except Exception as exc:  # Redis away: not ready (no progress possible) until a beat lands again
                 log.warning("heartbeat failed, not ready until Redis answers: %s", exc)
                 self.health.set(self.grpc_name, NOT_SERVING)
+                period = min(period, 0.5)  # back in the registry within half a second of Redis
             if stopping:
                 break
-            stopping = self.stop.wait(self.settings.heartbeat_ttl_s / 3)
+            stopping = self.stop.wait(period)
 
     def shutdown(self) -> None:
         self.health.enter_graceful_shutdown()

@@ -259,9 +259,9 @@ def cmd_bench(args) -> None:
 
 
 def cmd_gpu_check(args) -> None:
-    from asyncopd.tools.gpucheck import main as gpu_check
+    from asyncopd.tools.gpucheck import run
 
-    sys.exit(gpu_check(args.args))
+    sys.exit(run(args, sys.argv[2:]))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -360,8 +360,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights suite: engines whose reload is timed")
     p.set_defaults(func=cmd_bench)
     p = sub.add_parser("gpu-check", help="the CUDA paths end to end with numbers (scripts/gpu-check.sh installs "
-                       "what a GPU machine lacks first); --device cpu rehearses it", add_help=False)
-    p.add_argument("args", nargs=argparse.REMAINDER, help="asyncopd.tools.gpucheck's flags (--help lists them)")
+                       "what a GPU machine lacks first); --device cpu rehearses it")
+    from asyncopd.tools.gpucheck import add_arguments  # stdlib only at import
+
+    add_arguments(p)
     p.set_defaults(func=cmd_gpu_check)
     return ap
 

@@ -204,7 +204,10 @@ def test_a_30_second_redis_outage_mid_job_is_ridden_out(stack, tiny_models):
 
 def test_grpc_health_per_service(stack):
     r = redis.Redis.from_url(stack["redis_url"], decode_responses=True)
-    teachers = state.live_services(r, "teacher")
+    for _ in range(50):  # after the Redis outage test its registry refills within a heartbeat
+        if teachers := state.live_services(r, "teacher"):
+            break
+        time.sleep(0.1)
     assert teachers
     for svc in teachers:
         with grpc.insecure_channel(f"127.0.0.1:{svc.grpc_port}") as ch:

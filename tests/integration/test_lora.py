@@ -1,4 +1,4 @@
-"""LoRA students with real parts: the learner's DeepSpeed Trainer (ZeRO-0 and ZeRO-3, one gloo rank) training
+"""LoRA students with real parts: the learner's DeepSpeed Trainer (ZeRO 0-3, one gloo rank) training
 a PEFT adapter on the tiny student, adapter-only versions on disk, the HF and vLLM engines applying them over
 base weights loaded once, checkpoints without the frozen base, and the exported adapter and merged model
 loading in transformers and peft."""
@@ -58,7 +58,7 @@ def close(a: list[list[float]], b: list[list[float]], tol: float = 2e-5) -> bool
     return all(abs(x - y) <= tol for ra, rb in zip(a, b, strict=True) for x, y in zip(ra, rb, strict=True))
 
 
-@pytest.mark.parametrize("zero_stage", [0, 3])
+@pytest.mark.parametrize("zero_stage", [0, 1, 2, 3])
 def test_a_lora_step_trains_the_adapter_alone_and_publishes_it_alone(distributed, tiny_models, tmp_path, zero_stage):
     from asyncopd.ml.engines.hf_engine import HFEngine
 

@@ -91,6 +91,27 @@ def test_chunked_step_equals_the_full_logits_step(distributed, tiny_models, tmp_
         torch.testing.assert_close(chunk_grads[name], g, rtol=1e-4, atol=1e-7, msg=name)
 
 
+def test_zero3_chunked_steps_after_the_first_match_the_full_logits_path(distributed, tiny_models, tmp_path):
+    """From the second step on, DeepSpeed fetches the lm_head weight itself (an external parameter of the loss
+    module since the first forward read it); gathering it again and releasing it inside the forward failed
+    ("Cannot free a ZeRO-3 parameter while it is still active"). Three steps, same losses as full logits."""
+    from services.learner.settings import LearnerSettings
+    from services.learner.trainer import Trainer
+
+    torch.set_num_threads(1)
+    spec = JobSpec.model_validate({"student": {"model": str(tiny_models["student"])},
+                                   "teacher": {"model": str(tiny_models["teacher"])},
+                                   "prompts": {"path": "unused.jsonl"}, "train": {"learning_rate": 1e-3}})
+    losses = {}
+    for chunked in (True, False):
+        settings = LearnerSettings(data_dir=tmp_path / "data", zero_stage=3, loss_chunk_tokens=5)
+        trainer = Trainer(ActiveJob("j", spec, str(tmp_path / f"out-{chunked}")), settings)
+        if not chunked:
+            trainer.net.blocker = "forced by the test"
+        losses[chunked] = [trainer.step(entries(259, 4, seed=i)).loss for i in range(3)]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+
+
 def _rank_main(rank: int, world: int, port: int, models: dict, tmp: str, objective: dict) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), OMP_NUM_THREADS="1")
