@@ -45,25 +45,7 @@ class Stack:
         return {"job": job, **records, "usage": usage}
 
     def sample(self) -> dict[str, dict[str, float]]:
-        """Per service, summed over its live instances: seconds per phase (asyncopd_phase_seconds_total) and
-        the rollout's weight reloads (reload_s, reloads)."""
-        from prometheus_client.parser import text_string_to_metric_families
-
-        r = state.connect(self.info["redis_url"])
-        out: dict[str, dict[str, float]] = {}
-        for svc in state.live_services(r):
-            text = httpx.get(f"http://127.0.0.1:{svc.metrics_port}/metrics", timeout=5).text
-            totals = out.setdefault(svc.service, {})
-            for family in text_string_to_metric_families(text):
-                for s in family.samples:
-                    if s.name == "asyncopd_phase_seconds_total":
-                        key = s.labels["phase"]
-                    elif s.name in ("asyncopd_weight_reload_seconds_sum", "asyncopd_weight_reload_seconds_count"):
-                        key = "reload_s" if s.name.endswith("_sum") else "reloads"
-                    else:
-                        continue
-                    totals[key] = totals.get(key, 0.0) + s.value
-        return out
+        return service_usage(self.info["redis_url"])
 
     def close(self) -> None:
         localstack.down(self.run_dir)
@@ -461,3 +443,28 @@ def plot_findings_curves(curves: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def service_usage(redis_url: str) -> dict[str, dict[str, float]]:
+    """Per service, summed over its live instances: seconds per phase (asyncopd_phase_seconds_total) and the
+    rollout's weight reloads (reload_s, reloads). An instance whose /metrics does not answer is skipped: a
+    crashed service stays in the heartbeat registry for its TTL."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, dict[str, float]] = {}
+    for svc in state.live_services(state.connect(redis_url)):
+        try:
+            text = httpx.get(f"http://127.0.0.1:{svc.metrics_port}/metrics", timeout=5).text
+        except httpx.HTTPError:
+            continue
+        totals = out.setdefault(svc.service, {})
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                if s.name == "asyncopd_phase_seconds_total":
+                    key = s.labels["phase"]
+                elif s.name in ("asyncopd_weight_reload_seconds_sum", "asyncopd_weight_reload_seconds_count"):
+                    key = "reload_s" if s.name.endswith("_sum") else "reloads"
+                else:
+                    continue
+                totals[key] = totals.get(key, 0.0) + s.value
+    return out

@@ -440,30 +440,9 @@ class CheckStack:
         self.exited: dict[str, int | None] = {}
 
     def sample(self) -> dict[str, dict[str, float]]:
-        """`bench.Stack.sample` (seconds per phase, rollout reloads, per service), skipping an instance whose
-        /metrics does not answer: a crashed service stays in the heartbeat registry for its TTL."""
-        import httpx
-        from prometheus_client.parser import text_string_to_metric_families
+        from asyncopd.tools.bench import service_usage
 
-        from asyncopd import state
-
-        out: dict[str, dict[str, float]] = {}
-        for svc in state.live_services(state.connect(self.info["redis_url"])):
-            try:
-                text = httpx.get(f"http://127.0.0.1:{svc.metrics_port}/metrics", timeout=5).text
-            except httpx.HTTPError:
-                continue
-            totals = out.setdefault(svc.service, {})
-            for family in text_string_to_metric_families(text):
-                for s in family.samples:
-                    if s.name == "asyncopd_phase_seconds_total":
-                        key = s.labels["phase"]
-                    elif s.name in ("asyncopd_weight_reload_seconds_sum", "asyncopd_weight_reload_seconds_count"):
-                        key = "reload_s" if s.name.endswith("_sum") else "reloads"
-                    else:
-                        continue
-                    totals[key] = totals.get(key, 0.0) + s.value
-        return out
+        return service_usage(self.info["redis_url"])
 
     def dead(self) -> list[str]:
         """The stack's processes (this process's children) that have exited, with their exit status; rollout
