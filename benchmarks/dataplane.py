@@ -14,15 +14,11 @@ from __future__ import annotations
 
 import argparse
 import random
-import shutil
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import redis
+from scratch_redis import scratch_redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -45,21 +41,8 @@ def main() -> None:
     ap.add_argument("--k", type=int, nargs="+", default=[8, 32, 64])
     ap.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 2048])
     args = ap.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    data = tempfile.mkdtemp()
-    server = subprocess.Popen([shutil.which("redis-server") or "redis-server", "--port", str(port), "--save", "",
-                               "--dir", data], stdout=subprocess.DEVNULL)
     rnd = random.Random(0)
-    try:
-        r = redis.Redis(port=port)
-        for _ in range(100):
-            try:
-                r.ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.05)
+    with scratch_redis() as (r, data):
         print(f"| K | completion tokens | bytes/sample | bytes/token | encode ms/sample | decode ms/sample | "
               f"XADD {args.samples} (ms) | read + ack (ms) | Redis MiB for the step |")
         print("|---|---|---|---|---|---|---|---|---|")
@@ -90,10 +73,6 @@ def main() -> None:
                 decode = (time.perf_counter() - t0) / len(raw)
                 print(f"| {k} | {length} | {size:,.0f} | {size / length:,.0f} | {encode * 1000:.2f} | "
                       f"{decode * 1000:.2f} | {xadd * 1000:.0f} | {read_ack * 1000:.0f} | {memory:.1f} |", flush=True)
-    finally:
-        server.terminate()
-        server.wait(10)
-        shutil.rmtree(data, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -13,16 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import redis
+from scratch_redis import scratch_redis
 
 sys.path.insert(0, str(Path.cwd()))
 
@@ -40,20 +36,7 @@ def main() -> None:
     ap.add_argument("--records", type=int, nargs="+", default=[10, 1000, 100_000])
     ap.add_argument("--repeat", type=int, default=20)
     args = ap.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    data = tempfile.mkdtemp()
-    server = subprocess.Popen([shutil.which("redis-server") or "redis-server", "--port", str(port), "--save", "",
-                               "--dir", data], stdout=subprocess.DEVNULL)
-    try:
-        r = redis.Redis(port=port, decode_responses=True)
-        for _ in range(100):
-            try:
-                r.ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.05)
+    with scratch_redis(decode_responses=True) as (r, data):
         store = JobStore(r, Path(data))
         spec = JobSpec.model_validate({"student": {"model": "s"}, "teacher": {"model": "t"},
                                        "prompts": {"path": "p.jsonl"}, "train": {"steps": 10**7}})
@@ -70,10 +53,6 @@ def main() -> None:
                 store.view(job_id)
                 times.append(time.perf_counter() - t0)
             print(f"| {n:,} | {statistics.median(times) * 1000:.2f} |")
-    finally:
-        server.terminate()
-        server.wait(10)
-        shutil.rmtree(data, ignore_errors=True)
 
 
 if __name__ == "__main__":

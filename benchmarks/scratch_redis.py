@@ -1,0 +1,38 @@
+"""A throwaway redis-server for the stand-alone benchmarks: free port, temporary directory, no persistence."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import redis
+
+
+@contextmanager
+def scratch_redis(**client_kwargs) -> Iterator[tuple[redis.Redis, Path]]:
+    """(a client of a fresh redis-server, its data directory); the server and directory go at the end."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    data = Path(tempfile.mkdtemp())
+    server = subprocess.Popen([shutil.which("redis-server") or "redis-server", "--port", str(port), "--save", "",
+                               "--dir", str(data)], stdout=subprocess.DEVNULL)
+    try:
+        r = redis.Redis(port=port, **client_kwargs)
+        for _ in range(100):
+            try:
+                r.ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        yield r, data
+    finally:
+        server.terminate()
+        server.wait(10)
+        shutil.rmtree(data, ignore_errors=True)
