@@ -25,10 +25,9 @@ ENV PATH=/opt/venv/bin:$PATH
 # torch, is not used).
 RUN pip install "torch==${TORCH_VERSION}" "${TRANSFORMERS_SPEC}" safetensors numpy zstandard xxhash peft \
     setuptools wheel
-# DeepSpeed's setup.py inspects the installed torch, hence --no-build-isolation.
-RUN DS_BUILD_OPS=${DS_BUILD_OPS} DS_BUILD_FUSED_ADAM=${DS_BUILD_OPS} DS_BUILD_CPU_ADAM=${DS_BUILD_OPS} \
-    TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST}" \
-    pip install --no-build-isolation "deepspeed==${DEEPSPEED_VERSION}"
+# DeepSpeed's setup.py inspects the installed torch, hence --no-build-isolation. DS_BUILD_OPS and
+# TORCH_CUDA_ARCH_LIST reach it as build arguments (a RUN sees the stage's ARGs in its environment).
+RUN DS_BUILD_FUSED_ADAM=${DS_BUILD_OPS} DS_BUILD_CPU_ADAM=${DS_BUILD_OPS} pip install --no-build-isolation "deepspeed==${DEEPSPEED_VERSION}"
 WORKDIR /src
 COPY pyproject.toml ./
 RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \

@@ -5,6 +5,7 @@ Each failure is a `PreflightError` whose message becomes the job's `reason`."""
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -23,6 +24,12 @@ def _is_local(field: str, ref: str) -> bool:
     if path.exists():
         if not (path / "config.json").exists():
             raise PreflightError(f"{field}: {ref} has no config.json (not a Hugging Face model directory)")
+        # The services run as one non-root user (uid 10001 in the images); a weight file it cannot read would
+        # otherwise fail in the learner as "No such file or directory" (safetensors' message for EACCES).
+        unreadable = sorted(f.name for f in path.iterdir() if f.is_file() and not os.access(f, os.R_OK))
+        if unreadable:
+            raise PreflightError(f"{field}: {', '.join(unreadable)} in {ref} not readable by uid {os.getuid()}, "
+                                 "the user the services run as (make the model files readable to it)")
         return True
     if HUB_ID.match(ref) and not ref.startswith((".", "/")):
         return False  # a hub id: the serving engine resolves it (its cache, or the hub where reachable)

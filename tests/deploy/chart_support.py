@@ -10,15 +10,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _load_chartcheck():
-    spec = importlib.util.spec_from_file_location("chartcheck", ROOT / "deploy" / "chartcheck.py")
+def deploy_script(name: str):
+    """A script of deploy/ (chartcheck, imagescheck) as a module."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, ROOT / "deploy" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
-    sys.modules["chartcheck"] = module
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
 
 
-chartcheck = sys.modules.get("chartcheck") or _load_chartcheck()
+chartcheck = deploy_script("chartcheck")
 
 # The metric names the services export (DESIGN.md §4 and the service contract). Dashboards and alerts may
 # use nothing else.

@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.deploy.chart_support import ROOT, chartcheck
+from tests.deploy.chart_support import ROOT, chartcheck, deploy_script
 
 DOCKER = ROOT / "docker"
 SERVICES = ("coordinator", "rollout", "teacher", "learner")
@@ -223,3 +225,41 @@ def test_chart_images_are_the_ones_make_images_builds():
     prefix = re.search(r"^IMAGE_PREFIX \?= (\S+)", mk, re.M).group(1)
     for service in SERVICES:
         assert values[service]["image"]["repository"] == f"{prefix}-{service}"
+
+
+def from_args(path: Path) -> set[str]:
+    """The ARGs a FROM instruction names: the base images."""
+    return {m for word, rest in instructions(path) if word == "FROM" for m in re.findall(r"\$\{?(\w+)", rest)}
+
+
+def declared_args(path: Path) -> set[str]:
+    return {rest.split("=", 1)[0] for word, rest in instructions(path) if word == "ARG"}
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_cpu_variant_changes_only_the_bases_and_the_engine(service):
+    """The images check builds the CPU variants from these same Dockerfiles; what may differ from the CUDA
+    images is the base images (ARGs used in FROM) and the engine's version (the learner's torch), nothing
+    else: every other step is shared."""
+    imagescheck = deploy_script("imagescheck")
+    path = DOCKER / f"{service}.Dockerfile"
+    overrides = set(imagescheck.CPU_VARIANT[service])
+    assert overrides <= declared_args(path), f"{service}: build args the Dockerfile does not declare"
+    assert overrides <= from_args(path) | {"TORCH_VERSION"}, overrides - from_args(path)
+
+
+def test_image_bases_of_the_check_stand_in_for_registry_images_only():
+    """docker/local holds the stand-ins for bases no registry serves here, never a service image."""
+    local = sorted(p.name for p in (DOCKER / "local").glob("*.Dockerfile"))
+    assert local == ["python.Dockerfile", "vllm-cpu.Dockerfile"]
+    for name in local:
+        assert not [w for w, _ in instructions(DOCKER / "local" / name) if w in ("ENTRYPOINT", "COPY", "ADD")]
+
+
+@pytest.mark.parametrize("path", sorted([*DOCKER.glob("*.Dockerfile"), *DOCKER.glob("local/*.Dockerfile")]),
+                         ids=lambda p: str(p.relative_to(DOCKER)))
+def test_hadolint(path):
+    hadolint = Path(sys.executable).parent / "hadolint"
+    p = subprocess.run([str(hadolint), "--config", str(ROOT / ".hadolint.yaml"), "--no-color", str(path)],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout + p.stderr
