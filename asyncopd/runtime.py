@@ -12,8 +12,10 @@ import socket
 import threading
 import time
 from concurrent import futures
+from urllib.parse import urlsplit
 
 import grpc
+import redis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
@@ -43,6 +45,7 @@ class ServiceRuntime:
     def __init__(self, service: str, grpc_name: str, settings: ServiceSettings) -> None:
         self.service, self.grpc_name, self.settings = service, grpc_name, settings
         self.redis = state.connect(settings.redis_url, settings.redis_password, settings.redis_outage_s)
+        self._require_redis()
         # Heartbeats and readiness probes must answer at once, not ride out an outage like the work does.
         self.probe = state.connect(settings.redis_url, settings.redis_password)
         self.stop = threading.Event()  # set on SIGTERM: finish what is held, take nothing new, exit
@@ -55,6 +58,21 @@ class ServiceRuntime:
         # do not resolve), else the hostname (callers on this host use loopback).
         self.host = settings.pod_ip or socket.gethostname()
         self.info = InstanceInfo()
+
+    def _require_redis(self) -> None:
+        """A Redis that never answers at start-up is a wrong URL, password or network policy, not an outage:
+        exit with the reason (a pod that crash-loops shows it as its last line); once up, outages are ridden
+        out (`redis_outage_s`)."""
+        try:
+            self.redis.ping()
+        except redis.RedisError as exc:
+            where = urlsplit(self.settings.redis_url)
+            url = f"{where.scheme}://{where.hostname}:{where.port or 6379}{where.path}"  # never the password
+            reason = (f"{self.service}: Redis at {url} did not answer within {self.settings.redis_outage_s:.0f} s "
+                      f"of start-up ({type(exc).__name__}: {exc}); check ASYNCOPD_REDIS_URL, "
+                      "ASYNCOPD_REDIS_PASSWORD and that Redis runs and is reachable from here")
+            log.error("%s", reason)
+            raise SystemExit(reason) from None
 
     def start(self, add_servicer, *, handle_signals: bool = True) -> None:
         """`add_servicer`: the generated `add_<Name>Servicer_to_server` of this service's proto (`grpc_name`);

@@ -60,6 +60,9 @@ class EngineSettings(ServiceSettings):
     max_model_len: int = Field(1024, gt=0, description="Longest prompt + completion the engine accepts.")
     reclaim_idle_ms: int = Field(60_000, gt=0, description="Reclaim entries a dead consumer held this long.")
     max_deliveries: int = Field(3, ge=1, description="Dead-letter an entry after this many deliveries.")
+    max_engine_failures: int = Field(3, ge=1, description="Fail the active job, with the engine's error as its "
+                                     "reason, after this many consecutive batches the engine failed (a model that "
+                                     "loads but cannot run); a batch that succeeds resets the count.")
 
 
 class WeightsTransportSettings(BaseModel):

@@ -211,14 +211,14 @@ class Mount:
 
 
 class Container:
-    """One process started from an image: its entrypoint + cmd as its user, in its working directory, with its
-    environment overlaid by `env`, on a read-only root with `mounts` (targets created first, as the kubelet
-    does). stop() sends SIGTERM to it (PID 1 of its namespace, as in a pod) and removes the container."""
+    """One process started from an image: its entrypoint + cmd (or `command`, as a pod's `command:` replaces
+    them) as its user, in its working directory, with its environment overlaid by `env`, on a read-only root
+    with `mounts` (targets created first, as the kubelet does). stop() sends SIGTERM to it (PID 1 of its namespace, as in a pod) and removes the container."""
 
     def __init__(self, image_name: str, env: dict[str, str], mounts: list[Mount], log: Path,
-                 read_only_root: bool = True) -> None:
+                 read_only_root: bool = True, command: list[str] | None = None) -> None:
         self.image, self.env, self.mounts, self.log = image_name, env, mounts, log
-        self.read_only_root = read_only_root
+        self.read_only_root, self.command = read_only_root, command
         self.ctr: str | None = None
         self.proc: subprocess.Popen | None = None
 
@@ -228,7 +228,7 @@ class Container:
         root = _run(["buildah", "mount", self.ctr])
         env = dict(e.split("=", 1) for e in cfg.get("Env") or [])
         env.update(self.env)
-        argv = (cfg.get("Entrypoint") or []) + (cfg.get("Cmd") or [])
+        argv = self.command or (cfg.get("Entrypoint") or []) + (cfg.get("Cmd") or [])
         user = cfg.get("User") or "0:0"
         q = shlex.quote
         lines = ["set -e", f"R={q(root)}", 'mount --bind "$R" "$R"']

@@ -1,5 +1,6 @@
 """The loop rollout and teacher share: follow the active job, load its model into an engine, consume a
-stream in batches, skip entries of other jobs, and report a model that cannot load as the job's failure."""
+stream in batches, skip entries of other jobs, and report a model that cannot load, or that loads but fails
+`max_engine_failures` batches in a row, as the job's failure."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ class EngineService(ABC):
     role: str  # "rollout" | "teacher": names the model it serves in failure reasons
     stream: str
     entry_type: type[streams.Entry]
+    # Step failures that say nothing about the engine: an unreachable or refusing Redis is an outage.
+    not_engine_failures: tuple[type[Exception], ...] = (redis.RedisError,)
 
     def __init__(self, settings: EngineSettings, runtime: ServiceRuntime, batch_size: int) -> None:
         self.settings, self.rt, self.r = settings, runtime, runtime.redis
@@ -29,6 +32,7 @@ class EngineService(ABC):
         self.tokenizer = None
         self.job: state.ActiveJob | None = None
         self.failed_job: str | None = None
+        self.engine_failures = 0  # consecutive failed steps of the loaded job
         self.consumer = streams.StreamConsumer(
             self.r, self.stream, settings.instance, max_deliveries=settings.max_deliveries,
             reclaim_idle_ms=settings.reclaim_idle_ms,
@@ -61,12 +65,34 @@ class EngineService(ABC):
                 self.rt.stop.wait(self.settings.poll_interval_s)
                 continue
             try:
-                self.step(block_ms=int(self.settings.poll_interval_s * 1000))
-            except Exception:
+                if self.step(block_ms=int(self.settings.poll_interval_s * 1000)):
+                    self.engine_failures = 0  # only a batch the engine got through: an empty read proves nothing
+            except Exception as exc:
                 # Entries stay pending: reclaimed after reclaim_idle_ms, dead-lettered if they keep failing.
                 log.exception("%s step failed", self.role)
-                self.rt.stop.wait(1.0)
+                if not self.engine_failed(exc):
+                    self.rt.stop.wait(1.0)
         self.unload()
+
+    def engine_failed(self, exc: Exception) -> bool:
+        """Count a failed step against the engine; True once that failed the job. A model can load and then fail
+        every call (an attention kernel without its head size, a sampler missing its compiler): without this the
+        job would stay running while redelivery burns its prompts one by one, with no reason given."""
+        if isinstance(exc, self.not_engine_failures) or self.rt.stop.is_set():  # a shutdown interrupted it
+            return False
+        self.engine_failures += 1
+        if self.engine_failures < self.settings.max_engine_failures:
+            return False
+        reason = (f"{self.role} engine failed {self.engine_failures} consecutive batches of "
+                  f"{self.model_name(self.job)!r}: {type(exc).__name__}: {exc}")
+        self.fail(self.job.id, reason)
+        self.unload()
+        return True
+
+    def fail(self, job_id: str, reason: str) -> None:
+        """Report the job's failure (the coordinator ends it with this reason) and stop serving it."""
+        state.add_event(self.r, FailedEvent(job_id=job_id, service=self.role, reason=reason))
+        self.failed_job = job_id
 
     def load(self, job: state.ActiveJob) -> bool:
         from transformers import AutoTokenizer
@@ -81,9 +107,7 @@ class EngineService(ABC):
                                   synthetic_latency_s=s.synthetic_latency_s, lora_rank=self.lora_rank(job))
         except Exception as exc:  # a bad model path fails the job, never the worker
             log.exception("loading %s %s failed", self.role, model)
-            reason = f"{self.role} could not load {model!r}: {exc}"
-            state.add_event(self.r, FailedEvent(job_id=job.id, service=self.role, reason=reason))
-            self.failed_job = job.id
+            self.fail(job.id, f"{self.role} could not load {model!r}: {exc}")
             return False
         self.engine, self.job = engine, job
         self.rt.set_model_loaded(True, job.id)
@@ -94,6 +118,7 @@ class EngineService(ABC):
         if self.engine is not None:
             self.engine.close()
         self.engine, self.tokenizer, self.job = None, None, None
+        self.engine_failures = 0
         self.rt.set_model_loaded(False)
         self.rt.info.policy_version = 0
 

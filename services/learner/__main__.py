@@ -53,12 +53,28 @@ class FollowerEndpoints:
         self.metrics_server.shutdown()
 
 
+def require_writable(data_dir) -> None:
+    """Every rank writes checkpoints and weight versions under the data volume: without it (a read-only image
+    root, a volume mounted read-only or owned by another user) say so now, not at the first job's checkpoint."""
+    import tempfile
+
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=data_dir).close()
+    except OSError as exc:
+        reason = (f"learner: ASYNCOPD_DATA_DIR={data_dir} is not writable by uid {os.getuid()} ({exc.strerror}): "
+                  "mount the shared data volume there (the chart's `persistence`), writable by this user")
+        log.error("%s", reason)
+        raise SystemExit(reason) from None
+
+
 def main() -> None:
     from asyncopd.logs import adopt_library_loggers, setup_logging
     from services.learner.settings import LearnerSettings
 
     settings = LearnerSettings()
     setup_logging(settings.log_level, "learner", settings.instance, settings.log_format)
+    require_writable(settings.data_dir)
 
     # Before joining: the rendezvous may wait for slow pods, and the probes must pass meanwhile.
     endpoints = None

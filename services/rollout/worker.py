@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from asyncopd import phases, streams
 from asyncopd.ml.engine_service import EngineService
 from asyncopd.ml.engines import Completion
-from asyncopd.ml.weights.follow import Follower
+from asyncopd.ml.weights.follow import Follower, WeightWaitTimeout
 from asyncopd.ml.weights.transports import ADAPTER, setup_follower
 from asyncopd.streams import PromptEntry, RolloutEntry
 from services.rollout import metrics
@@ -36,6 +36,7 @@ class RolloutWorker(EngineService):
     role = "rollout"
     stream = streams.PROMPTS
     entry_type = PromptEntry
+    not_engine_failures = (*EngineService.not_engine_failures, WeightWaitTimeout)
 
     def __init__(self, settings: RolloutSettings, runtime) -> None:
         super().__init__(settings, runtime, settings.max_batch_prompts)

@@ -74,12 +74,13 @@ class Pods:
         return env
 
     def start(self, service: str, *, data: bool = True, read_only_root: bool = True,
-              **overrides: str) -> imagescheck.Container:
+              command: list[str] | None = None, **overrides: str) -> imagescheck.Container:
         mounts = imagescheck.pod_dirs(self.base / "pods", service, UID)
         if data:
             mounts.insert(0, imagescheck.Mount(self.data, "/data"))
         c = imagescheck.Container(imagescheck.image(service), self.env(service, **overrides), mounts,
-                                  self.base / "logs" / f"{service}.log", read_only_root=read_only_root)
+                                  self.base / "logs" / f"{service}.log", read_only_root=read_only_root,
+                                  command=command)
         self.started.append(c.start())
         return c
 

@@ -27,6 +27,10 @@ from asyncopd.ml.weights.transports.base import WeightFollower
 log = logging.getLogger(__name__)
 
 
+class WeightWaitTimeout(TimeoutError):
+    """The fenced version did not arrive within `wait_s`: the learner is behind, not the engine at fault."""
+
+
 class Follower:
     def __init__(self, r, job_id: str, transport: WeightFollower, *, reload_lag: int, wait_s: float,
                  stop: threading.Event | None = None, wake_s: float = 0.25,
@@ -53,7 +57,7 @@ class Follower:
                 return
             remaining = deadline - time.monotonic()
             if remaining <= 0 or self.stop.is_set():
-                raise TimeoutError(f"policy version {at_least} not loaded within {self.wait_s}s")
+                raise WeightWaitTimeout(f"policy version {at_least} not loaded within {self.wait_s}s")
             with phases.timed(phases.IDLE):
                 self.watch.wait(min(remaining, self.wake_s))
 
