@@ -105,7 +105,8 @@ def restart(run_dir: Path, name: str, engine: str | None = None) -> int:
         args = redis_command(run_dir.absolute() / "redis", port, os.environ.get("ASYNCOPD_REDIS_PASSWORD"))
         proc = _spawn(args, {}, run_dir.absolute() / "logs" / "redis.log")
     else:
-        env = {**base_env(run_dir.absolute(), info["redis_url"]), "ASYNCOPD_ENGINE": engine}
+        env = {**base_env(run_dir.absolute(), info["redis_url"]), "ASYNCOPD_ENGINE": engine,
+               **info.get("service_env", {}).get(name, {})}
         if name == "coordinator":
             token = env_token("ASYNCOPD_API_TOKEN")
             env |= {"ASYNCOPD_HTTP_HOST": "127.0.0.1", "ASYNCOPD_HTTP_PORT": info["api_url"].rsplit(":", 1)[1],
@@ -180,9 +181,13 @@ def up(run_dir: Path, *, http_port: int, engine: str, rollouts: int, learner_ran
     for name in SERVICES:
         own = {**(coordinator_env if name == "coordinator" else env), **(service_env or {}).get(name, {})}
         procs[name] = _spawn(service_command(name, learner_ranks), own, run_dir / "logs" / f"{name}.log")
+    # What `restart` must give a service again besides the base environment; never a secret (stack.json is a
+    # plain file): the token and the Redis password come from the environment as at `up`.
+    kept = {name: {k: v for k, v in {**(extra_env or {}), **(service_env or {}).get(name, {})}.items()
+                   if k not in (*API_TOKEN_VARS, "ASYNCOPD_REDIS_PASSWORD")} for name in SERVICES}
     info = {"api_url": f"http://127.0.0.1:{http_port}", "redis_url": redis_url, "run_dir": str(run_dir),
             "pids": {name: p.pid for name, p in procs.items()}, "rollouts": rollouts, "engine": engine,
-            "learner_ranks": learner_ranks}
+            "learner_ranks": learner_ranks, "service_env": kept}
     _save(run_dir, info)
     try:
         wait_ready(info, rollouts, timeout_s, procs, token)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 
@@ -31,7 +32,8 @@ def wait_restarted(run_dir, name: str, old_pid: int, timeout_s: float = 60) -> i
 
 def test_the_supervisor_restarts_what_dies(tmp_path, tiny_models):
     run_dir = tmp_path / "stack"
-    info = localstack.up(run_dir, http_port=free_port(), engine="hf", rollouts=1, supervised=True)
+    info = localstack.up(run_dir, http_port=free_port(), engine="hf", rollouts=1, supervised=True,
+                         service_env={"teacher": {"ASYNCOPD_MAX_ENGINE_FAILURES": "7"}})
     try:
         assert localstack.pid_alive(info["supervisor"])
         with pytest.raises(RuntimeError, match="already running"):
@@ -40,6 +42,8 @@ def test_the_supervisor_restarts_what_dies(tmp_path, tiny_models):
         teacher = info["pids"]["teacher"]
         os.kill(teacher, signal.SIGKILL)
         new_teacher = wait_restarted(run_dir, "teacher", teacher)
+        # Restarted with the environment `up` gave it, not only the base one.
+        assert "ASYNCOPD_MAX_ENGINE_FAILURES=7" in Path(f"/proc/{new_teacher}/environ").read_text().split("\0")
         os.kill(info["pids"]["redis"], signal.SIGKILL)
         wait_restarted(run_dir, "redis", info["pids"]["redis"])
         deadline = time.monotonic() + 60
