@@ -18,8 +18,9 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
 COPY README.md ./
 COPY asyncopd ./asyncopd
 COPY services ./services
-RUN pip install --no-deps . \
-    && python -c "import importlib.util as u, sys; sys.exit(u.find_spec('services.coordinator.__main__') is None)"
+# asyncopd as a wheel, installed in the runtime stage: the virtualenv above stays byte-identical across source
+# edits, so its layer is reused and a rebuild after a source change copies only the wheel.
+RUN pip wheel --no-deps --wheel-dir /wheels .
 
 # ---- runtime -------------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE}
@@ -27,6 +28,10 @@ RUN groupadd --system --gid 10001 asyncopd \
     && useradd --system --uid 10001 --gid 10001 --home-dir /home/asyncopd --create-home asyncopd \
     && mkdir -p /data && chown 10001:10001 /data
 COPY --from=build /opt/venv /opt/venv
+COPY --from=build /wheels /wheels
+RUN /opt/venv/bin/pip install --no-cache-dir --no-deps --no-index /wheels/*.whl \
+    && rm -rf /wheels \
+    && /opt/venv/bin/python -c "import importlib.util as u, sys; sys.exit(u.find_spec('services.coordinator.__main__') is None)"
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \

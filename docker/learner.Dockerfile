@@ -36,9 +36,9 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
 COPY README.md ./
 COPY asyncopd ./asyncopd
 COPY services ./services
-# No extras: [learner] pins the CPU torch of the development machines; the CUDA stack is installed above.
-RUN pip install --no-deps . \
-    && python -c "import importlib.util as u, sys; sys.exit(u.find_spec('services.learner.__main__') is None)"
+# asyncopd as a wheel, installed in the runtime stage: the virtualenv above stays byte-identical across source
+# edits, so its (large) layer is reused and a rebuild after a source change copies only the wheel.
+RUN pip wheel --no-deps --wheel-dir /wheels .
 
 # ---- runtime: CUDA base (driver libraries come from the node; CUDA/NCCL/cuDNN libraries from the wheels) -
 FROM ${CUDA_RUNTIME_IMAGE}
@@ -50,6 +50,11 @@ RUN apt-get update \
     && useradd --system --uid 10001 --gid 10001 --home-dir /home/asyncopd --create-home asyncopd \
     && mkdir -p /data && chown 10001:10001 /data
 COPY --from=build /opt/venv /opt/venv
+COPY --from=build /wheels /wheels
+# No extras: [learner] pins the CPU torch of the development machines; the CUDA stack is installed above.
+RUN /opt/venv/bin/pip install --no-cache-dir --no-deps --no-index /wheels/*.whl \
+    && rm -rf /wheels \
+    && /opt/venv/bin/python -c "import importlib.util as u, sys; sys.exit(u.find_spec('services.learner.__main__') is None)"
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     HOME=/home/asyncopd \
