@@ -1,10 +1,11 @@
 """The data path: Redis stream names, versioned entry schemas, and a consumer with ack / reclaim / dead-letter.
 
-Entries are small: token ids and log-probs packed as base64 little-endian int32/float32 inside a JSON body,
-never pickles. Every entry carries its schema name and version; an entry that does not parse is moved to the
-dead-letter stream at once, one that keeps failing after `max_deliveries` deliveries follows it there.
-Streams are shared by all jobs (one job trains at a time) so their names are fixed for autoscalers; entries
-carry their job id and consumers skip (ack) entries of a job that is no longer active.
+Entries are small: token ids and log-probs packed as base64 little-endian int32/float32 (the teacher's top-K
+log-probs optionally float16) inside a JSON body, never pickles. Every entry carries its schema name and
+version; an entry that does not parse is moved to the dead-letter stream at once, one that keeps failing
+after `max_deliveries` deliveries follows it there. Streams are shared by all jobs (one job trains at a
+time) so their names are fixed for autoscalers; entries carry their job id and consumers skip (ack) entries
+of a job that is no longer active.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import struct
 import time
 from array import array
 from dataclasses import dataclass
-from typing import ClassVar, TypeVar
+from typing import ClassVar, Literal, TypeVar
 
 import redis
 from prometheus_client import Counter
@@ -52,10 +54,24 @@ def pack_floats(values: list[float]) -> str:
     return base64.b64encode(array("f", values).tobytes()).decode()
 
 
+# IEEE half: 11 significant bits, so a log-prob in [-16, -8) is off by at most 2^-8 (0.004 nats); the largest
+# finite half is 65504 and a log-prob below -65504 carries no probability worth keeping.
+_HALF_MIN = -65504.0
+
+
+def pack_halves(values: list[float]) -> str:
+    if values and min(values) < _HALF_MIN:  # rare: clamp only then (a per-value max() doubles the encode time)
+        values = [max(v, _HALF_MIN) for v in values]
+    return base64.b64encode(struct.pack(f"<{len(values)}e", *values)).decode()
+
+
 def _unpack(text: str, code: str) -> list:
     raw = base64.b64decode(text, validate=True)
-    if len(raw) % 4:
-        raise SchemaError("packed array length is not a multiple of 4")
+    width = 2 if code == "e" else 4
+    if len(raw) % width:
+        raise SchemaError(f"packed array length is not a multiple of {width}")
+    if code == "e":
+        return list(struct.unpack(f"<{len(raw) // 2}e", raw))
     out = array(code)
     out.frombytes(raw)
     return out.tolist()
@@ -69,6 +85,8 @@ class Entry(BaseModel):
     VERSION: ClassVar[int] = 1
     INT_ARRAYS: ClassVar[tuple[str, ...]] = ()
     FLOAT_ARRAYS: ClassVar[tuple[str, ...]] = ()
+    # The float array that may travel as float16 (the bulk of a scored entry), and the field that says so.
+    HALF_ARRAY: ClassVar[str | None] = None
 
     job_id: str
     batch: int
@@ -82,8 +100,12 @@ class Entry(BaseModel):
         for name in self.INT_ARRAYS:
             body[name] = pack_ints(body[name])
         for name in self.FLOAT_ARRAYS:
-            body[name] = pack_floats(body[name])
+            body[name] = pack_halves(body[name]) if self._half(body, name) else pack_floats(body[name])
         return {"schema": f"{self.SCHEMA}/{self.VERSION}", "body": json.dumps(body, separators=(",", ":"))}
+
+    @classmethod
+    def _half(cls, body: dict, name: str) -> bool:
+        return name == cls.HALF_ARRAY and body.get("support_logprobs_dtype") == "float16"
 
     @classmethod
     def from_fields(cls: type[E], fields: dict) -> E:
@@ -95,7 +117,7 @@ class Entry(BaseModel):
             for name in cls.INT_ARRAYS:
                 body[name] = _unpack(body[name], "i")
             for name in cls.FLOAT_ARRAYS:
-                body[name] = _unpack(body[name], "f")
+                body[name] = _unpack(body[name], "e" if cls._half(body, name) else "f")
             return cls.model_validate(body)
         except (KeyError, TypeError, ValueError, ValidationError) as exc:
             raise SchemaError(f"malformed {cls.SCHEMA} entry: {exc}") from exc
@@ -156,11 +178,14 @@ class ScoredEntry(RolloutEntry):
     SCHEMA = "asyncopd.scored"
     # 2: teacher_topk_* renamed support_ids / teacher_support_logprobs (they may be the student's)
     # 3: teacher_samples, teacher_sample_ids, teacher_sample_logprobs (forward_kl_mc)
-    VERSION = 3
+    # 4: support_logprobs_dtype (teacher_support_logprobs as float16 on request: scoring.logprobs_dtype)
+    VERSION = 4
     INT_ARRAYS = RolloutEntry.INT_ARRAYS + ("support_ids", "teacher_sample_ids")
     FLOAT_ARRAYS = RolloutEntry.FLOAT_ARRAYS + ("teacher_sampled_logprobs", "teacher_support_logprobs",
                                                 "mc_teacher_logprobs", "teacher_sample_logprobs")
+    HALF_ARRAY = "teacher_support_logprobs"
     top_k: int
+    support_logprobs_dtype: Literal["float32", "float16"] = "float32"
     teacher_sampled_logprobs: list[float]
     support_ids: list[int]  # [L * top_k], row-major: the ids the teacher scored
     teacher_support_logprobs: list[float]

@@ -70,6 +70,7 @@ class TeacherScorer(EngineService):
         metrics.SCORE_SECONDS.observe(time.perf_counter() - t0)
         with phases.timed(phases.SERIALIZE):
             out = [ScoredEntry(**entry.model_dump(), top_k=top_k, teacher_sampled_logprobs=s.sampled_logprobs,
+                               support_logprobs_dtype=self.job.spec.scoring.logprobs_dtype,
                                support_ids=[i for row in s.topk_ids for i in row],
                                teacher_support_logprobs=[v for row in s.topk_logprobs for v in row],
                                mc_teacher_logprobs=mc_logprobs, **teacher_draws)

@@ -42,7 +42,10 @@ OBJECTIVES = {
     "decoupled_ppo": {"kind": "decoupled_ppo"},
     "m2po": {"kind": "m2po"},
     "mixed": {"kind": "mixed", "alpha": 0.5},
+    "forward_kl_topk_float16_wire": {"kind": "forward_kl_topk", "tail": True},
 }
+# Jobs that differ from their objective's default in how the teacher's cache travels (scoring.logprobs_dtype).
+SCORING = {"forward_kl_topk_float16_wire": {"logprobs_dtype": "float16"}}
 # What each kind must report every step (docs/objectives.md, "Metrics").
 EXPECTED_METRICS = {
     "forward_kl_topk": {"kl_estimate", "teacher_topk_mass", "student_topk_mass"},
@@ -82,7 +85,7 @@ def jobs(stack, tiny_models):
     ids = {}
     for name, objective in OBJECTIVES.items():
         spec = tiny_job(tiny_models, name=f"obj-{name.replace('_', '-')}", objective=objective, max_staleness=1,
-                        generation={"n": 2, "max_tokens": 8},
+                        generation={"n": 2, "max_tokens": 8}, scoring=SCORING.get(name, {}),
                         train={"steps": STEPS, "prompts_per_step": 8, "learning_rate": 1e-2, "warmup_steps": 0,
                                "checkpoint_every": STEPS})
         ids[name] = submit(api, spec)["id"]

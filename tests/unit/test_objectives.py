@@ -700,3 +700,26 @@ def test_bench_findings_objectives_name_a_kind_or_a_spec_with_its_own_learning_r
     assert findings_objective("{kind: reverse_kl_recompute, correction: none, name: no-is}")[0] == "no-is"
     with pytest.raises(ValidationError):
         findings_objective("{kind: m2po, budget: 0.04}")  # a typo fails before any run
+
+
+@pytest.mark.parametrize("spec", [s for s in SOUND_SPECS if s.kind in ("forward_kl_topk", "reverse_kl_topk",
+                                                                        "skewed_kl_topk", "mixed")],
+                         ids=lambda s: f"{s.kind}-{s.model_dump(exclude={'kind'})}")
+def test_float16_teacher_logprobs_on_the_wire_move_the_loss_by_less_than_1e_3(spec):
+    """scoring.logprobs_dtype float16: the teacher's top-K log-probs cross the wire as IEEE halves (the only
+    array that does). The loss the learner computes from them (float32, as it trains) moves by < 1e-3."""
+    from asyncopd.streams import _unpack, pack_halves
+
+    teacher = (logits(256, 2000, seed=3, scale=4.0)).log_softmax(-1)  # peaked, like a trained LM
+    z = (teacher + logits(256, 2000, seed=4, scale=1.0)).float()
+    batch = make_batch(teacher, teacher, k=32, generator=torch.Generator().manual_seed(5),
+                       mc_extra=spec.mc_samples(), teacher_draws=spec.teacher_samples())
+    batch = TokenBatch(**{k: v.float() if v.is_floating_point() else v for k, v in vars(batch).items()
+                          if v is not None})
+    wire = torch.tensor(_unpack(pack_halves(batch.teacher_support_logprobs.flatten().tolist()), "e"))
+    half = TokenBatch(**{**vars(batch), "teacher_support_logprobs": wire.view_as(batch.teacher_support_logprobs)})
+    objective = build_objective(spec)
+    full_loss = objective(z.log_softmax(-1), batch).loss.mean().item()
+    half_loss = objective(z.log_softmax(-1), half).loss.mean().item()
+    print(f"{spec.kind}: loss {full_loss:.5f}, float16 wire moves it by {abs(half_loss - full_loss):.2e}")
+    assert abs(half_loss - full_loss) < 1e-3

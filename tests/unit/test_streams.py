@@ -21,6 +21,34 @@ def test_scored_entry_roundtrip_keeps_arrays_exact():
     assert back == e
 
 
+def test_float16_support_logprobs_are_a_quarter_smaller_and_within_half_precision():
+    k, length = 32, 64
+    lp = [-(i % 997) / 40.0 for i in range(length * k)]  # 0 .. -24.9 nats: a teacher's top-32 spans this
+    kw = dict(job_id="j", batch=0, sample_id="s", prompt_token_ids=[1], completion_token_ids=list(range(length)),
+              behavior_logprobs=[-0.5] * length, policy_version=0, top_k=k, teacher_sampled_logprobs=[-0.5] * length,
+              support_ids=list(range(length * k)), teacher_support_logprobs=lp)
+    full, half = ScoredEntry(**kw), ScoredEntry(**kw, support_logprobs_dtype="float16")
+    back = ScoredEntry.from_fields(half.to_fields())
+    assert back.support_logprobs_dtype == "float16" and back.behavior_logprobs == full.behavior_logprobs
+    # 11 significant bits: half an ulp relative error, at most 2^-7 nats below -16.
+    assert all(abs(b - a) <= abs(a) * 2**-11 for a, b in zip(lp, back.teacher_support_logprobs, strict=True))
+    size = {e.support_logprobs_dtype: len(e.to_fields()["body"]) for e in (full, half)}
+    assert 0.70 < size["float16"] / size["float32"] < 0.80, size
+    # A log-prob beyond half's range becomes its most negative finite value, never an error or -inf.
+    far = ScoredEntry(**{**kw, "teacher_support_logprobs": [-1e6] * (length * k)}, support_logprobs_dtype="float16")
+    assert set(ScoredEntry.from_fields(far.to_fields()).teacher_support_logprobs) == {-65504.0}
+
+
+def test_a_truncated_float16_array_is_a_schema_error():
+    e = ScoredEntry(job_id="j", batch=0, sample_id="s", prompt_token_ids=[1], completion_token_ids=[2],
+                    behavior_logprobs=[-0.5], policy_version=0, top_k=1, teacher_sampled_logprobs=[-0.5],
+                    support_ids=[2], teacher_support_logprobs=[-0.5], support_logprobs_dtype="float16")
+    fields = e.to_fields()
+    fields["body"] = fields["body"].replace(streams.pack_halves([-0.5]), "AA==")  # one byte of a two-byte half
+    with pytest.raises(SchemaError, match="multiple of 2"):
+        ScoredEntry.from_fields(fields)
+
+
 @pytest.mark.parametrize("fields", [
     {},
     {"schema": "asyncopd.prompt/999", "body": "{}"},
