@@ -213,7 +213,8 @@ class Mount:
 class Container:
     """One process started from an image: its entrypoint + cmd (or `command`, as a pod's `command:` replaces
     them) as its user, in its working directory, with its environment overlaid by `env`, on a read-only root
-    with `mounts` (targets created first, as the kubelet does). stop() sends SIGTERM to it (PID 1 of its namespace, as in a pod) and removes the container."""
+    with `mounts` (targets created first, as the kubelet does). stop() sends SIGTERM to it (PID 1 of its
+    namespace, as in a pod) and removes the container."""
 
     def __init__(self, image_name: str, env: dict[str, str], mounts: list[Mount], log: Path,
                  read_only_root: bool = True, command: list[str] | None = None) -> None:
@@ -246,7 +247,8 @@ class Container:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(["unshare", "--mount", "--pid", "--fork", "--kill-child", "--",
-                                          "sh", "-c", "\n".join(lines)], stdout=out, stderr=subprocess.STDOUT)
+                                          "sh", "-c", "\n".join(lines)], stdout=out, stderr=subprocess.STDOUT,
+                                         preexec_fn=_die_with_parent)
         return self
 
     def pid(self) -> int | None:
@@ -286,6 +288,14 @@ class Container:
 
     def output(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+def _die_with_parent() -> None:
+    """SIGKILL when the process that started the container dies (a test runner killed mid-test): unshare's
+    --kill-child then takes the service with it, so no container outlives its harness."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def pod_dirs(base: Path, service: str, uid: int = 10001) -> list[Mount]:
