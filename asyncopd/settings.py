@@ -11,7 +11,7 @@ import socket
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -58,11 +58,23 @@ class EngineSettings(ServiceSettings):
     kv_cache_bytes: int = Field(64 << 20, ge=0, description="vLLM KV cache size; 0 lets vLLM decide (GPU).")
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="vLLM GPU memory fraction.")
     max_model_len: int = Field(1024, gt=0, description="Longest prompt + completion the engine accepts.")
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallelism: shard the model over this many "
+                                      "GPUs of the pod (the chart sets the component's `gpus`); data-parallel "
+                                      "replicas are separate pods. The model's attention heads must divide by it "
+                                      "(checked when a job loads it); the HF engine serves on one device only.")
     reclaim_idle_ms: int = Field(60_000, gt=0, description="Reclaim entries a dead consumer held this long.")
     max_deliveries: int = Field(3, ge=1, description="Dead-letter an entry after this many deliveries.")
     max_engine_failures: int = Field(3, ge=1, description="Fail the active job, with the engine's error as its "
                                      "reason, after this many consecutive batches the engine failed (a model that "
                                      "loads but cannot run); a batch that succeeds resets the count.")
+
+    @model_validator(mode="after")
+    def _one_device_for_hf(self):
+        # A deployment error, not a job's: the service refuses to start, as with any other invalid setting.
+        if self.engine == "hf" and self.tensor_parallel_size > 1:
+            raise ValueError(f"tensor_parallel_size {self.tensor_parallel_size} needs engine=vllm: the HF engine "
+                             "serves on one device (set ASYNCOPD_TENSOR_PARALLEL_SIZE=1 or ASYNCOPD_ENGINE=vllm)")
+        return self
 
 
 class WeightsTransportSettings(BaseModel):

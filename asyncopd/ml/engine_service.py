@@ -104,7 +104,8 @@ class EngineService(ABC):
             engine = build_engine(s.engine, model, device=s.device, dtype=s.dtype, seed=job.spec.train.seed,
                                   max_model_len=s.max_model_len, kv_cache_bytes=s.kv_cache_bytes,
                                   gpu_memory_utilization=s.gpu_memory_utilization,
-                                  synthetic_latency_s=s.synthetic_latency_s, lora_rank=self.lora_rank(job))
+                                  synthetic_latency_s=s.synthetic_latency_s, lora_rank=self.lora_rank(job),
+                                  tensor_parallel_size=s.tensor_parallel_size)
         except Exception as exc:  # a bad model path fails the job, never the worker
             log.exception("loading %s %s failed", self.role, model)
             self.fail(job.id, f"{self.role} could not load {model!r}: {exc}")

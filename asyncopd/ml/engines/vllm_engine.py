@@ -10,18 +10,50 @@ import os
 
 from asyncopd.ml.engines.base import Completion, Engine, SequenceScores
 
+VOCAB_PADDING = 64  # vLLM's DEFAULT_VOCAB_PADDING_SIZE: the embedding and output head are padded, then sharded
+
+
+def check_tensor_parallel(config, tp: int) -> None:
+    """What vLLM 0.32 needs of a model to shard it over `tp` devices, checked on its config.json before vLLM is
+    imported (~6-12 s) or started. vLLM itself raises only for the attention heads (its VllmConfig, before any
+    worker starts, in a multi-line pydantic error); the rest are asserts inside its worker processes (the
+    attention layer's kv heads, the padded vocabulary's `divide`), which surface as "WorkerProc initialization
+    failed" after the workers have started."""
+    if tp <= 1:
+        return
+    text = config.get_text_config()
+    heads = getattr(text, "num_attention_heads", None)
+    if heads and heads % tp:  # vllm/config/model.py: verify_with_parallel_config
+        raise ValueError(f"tensor_parallel_size {tp} does not divide the model's {heads} attention heads "
+                         "(vLLM gives each GPU a whole number of heads)")
+    kv = getattr(text, "num_key_value_heads", None)
+    if kv and (kv % tp if kv >= tp else tp % kv):  # llama.py / QKVParallelLinear: sharded, or replicated
+        raise ValueError(f"tensor_parallel_size {tp} and the model's {kv} key-value heads: one must divide the "
+                         "other (vLLM shards the kv heads over the GPUs, or replicates them when there are fewer)")
+    vocab = getattr(text, "vocab_size", None)
+    padded = -(-vocab // VOCAB_PADDING) * VOCAB_PADDING if vocab else 0
+    if padded % tp:  # VocabParallelEmbedding: divide(num_embeddings_padded, tp_size)
+        raise ValueError(f"tensor_parallel_size {tp} does not divide the model's vocabulary of {vocab} padded to "
+                         f"{padded} (vLLM pads it to a multiple of {VOCAB_PADDING}, then shards it)")
+
 
 class VLLMEngine(Engine):
     def __init__(self, model: str, *, device: str, dtype: str, seed: int, max_model_len: int,
-                 kv_cache_bytes: int, gpu_memory_utilization: float, lora_rank: int | None = None) -> None:
-        # In-process engine core: 3 s to start instead of 27 s, and weights reload by path either way.
+                 kv_cache_bytes: int, gpu_memory_utilization: float, lora_rank: int | None = None,
+                 tensor_parallel_size: int = 1) -> None:
+        # In-process engine core: 3 s to start instead of 27 s, and weights reload by path either way. With
+        # tensor_parallel_size > 1 the shards are worker processes either way (vLLM's multiprocess executor).
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
         from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model)
+        check_tensor_parallel(config, tensor_parallel_size)  # a clear reason, before vLLM is imported or started
         from vllm import LLM
 
+        self.tensor_parallel_size = tensor_parallel_size
         # The setting is an upper bound: a model with a shorter context gets its own limit, not an error.
-        context = getattr(AutoConfig.from_pretrained(model), "max_position_embeddings", None)
+        context = getattr(config, "max_position_embeddings", None)
         max_model_len = min(max_model_len, context) if context else max_model_len
         kwargs = {"kv_cache_memory_bytes": kv_cache_bytes} if kv_cache_bytes else {
             "gpu_memory_utilization": gpu_memory_utilization}
@@ -35,7 +67,7 @@ class VLLMEngine(Engine):
         self.llm = LLM(model=model, dtype=dtype, seed=seed, max_model_len=max_model_len,
                        enforce_eager=device == "cpu", logprobs_mode="processed_logprobs",
                        # Full-vocabulary prompt log-probs are only asked for by score_tokens (reverse_kl_mc).
-                       max_logprobs=-1, **kwargs)
+                       max_logprobs=-1, tensor_parallel_size=tensor_parallel_size, **kwargs)
 
     def generate(self, prompts, *, n, max_tokens, temperature, seeds, top_k=0):
         from vllm import SamplingParams, TokensPrompt
@@ -142,11 +174,13 @@ class VLLMEngine(Engine):
         self.version = version
 
     def load_tensors(self, tensors, version, via: str = "iterator"):
-        """In-process (VLLM_ENABLE_V1_MULTIPROCESSING=0, how this engine starts) the tensors go to vLLM's
-        reload as a `weights_iterator`; with a separate engine process an iterator cannot cross the RPC (it
-        kills the engine), so they are written to a worker-local directory (not the shared volume) and
-        reloaded by path. `via="path"` forces the latter (the weights bench compares both)."""
-        if via == "iterator" and os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0":
+        """In-process (VLLM_ENABLE_V1_MULTIPROCESSING=0, how this engine starts, and one shard) the tensors go to
+        vLLM's reload as a `weights_iterator`; with a separate engine process or tensor-parallel worker processes
+        an iterator cannot cross the RPC (it kills the engine), so they are written to a worker-local directory
+        (not the shared volume) and reloaded by path. `via="path"` forces the latter (the weights bench compares
+        both)."""
+        if (via == "iterator" and os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
+                and self.tensor_parallel_size == 1):
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(tensors.items())})
         else:
             import tempfile

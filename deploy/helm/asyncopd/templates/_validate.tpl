@@ -19,6 +19,12 @@ keys to change. Included from validate.yaml, so every render runs it.
 {{- fail (printf "%s.config.device=cuda needs %s.gpus >= 1 (or set %s.config.device=cpu)" $name $name $name) }}
 {{- end }}
 {{- end }}
+{{- range $name := list "rollout" "teacher" }}
+{{- $c := index $v $name }}
+{{- if and $c.enabled (eq $c.config.engine "hf") (gt (int $c.gpus) 1) }}
+{{- fail (printf "%s.gpus=%d runs vLLM with tensor parallelism over the pod's GPUs, but %s.config.engine=hf serves on one device: set %s.config.engine=vllm or %s.gpus=1" $name (int $c.gpus) $name $name $name) }}
+{{- end }}
+{{- end }}
 {{- range $name := list "rollout" "teacher" "learner" "coordinator" }}
 {{- range (index $v $name).extraEnv }}
 {{- if and (regexMatch "(?i)(password|passwd|secret|token|api_?key|credential)" .name) (hasKey . "value") }}
