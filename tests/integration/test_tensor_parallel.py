@@ -76,6 +76,9 @@ def test_a_student_whose_heads_do_not_divide_fails_its_job_at_load_without_start
      "tensor_parallel_size 3 does not divide the model's vocabulary of 259 padded to 320"),
     (LlamaConfig(num_attention_heads=12, num_key_value_heads=2, hidden_size=768, vocab_size=32000), 8,
      "tensor_parallel_size 8 does not divide the model's 12 attention heads"),
+    (LlamaConfig(num_attention_heads=4, num_key_value_heads=4, hidden_size=128, intermediate_size=302,
+                 vocab_size=256), 4,
+     r"tensor_parallel_size 4 does not divide the model's MLP width \(intermediate_size 302"),
 ])
 def test_what_vllm_cannot_shard_is_named(config, tp, message):
     with pytest.raises(ValueError, match=message):

@@ -17,8 +17,8 @@ def check_tensor_parallel(config, tp: int) -> None:
     """What vLLM 0.32 needs of a model to shard it over `tp` devices, checked on its config.json before vLLM is
     imported (~6-12 s) or started. vLLM itself raises only for the attention heads (its VllmConfig, before any
     worker starts, in a multi-line pydantic error); the rest are asserts inside its worker processes (the
-    attention layer's kv heads, the padded vocabulary's `divide`), which surface as "WorkerProc initialization
-    failed" after the workers have started."""
+    attention layer's kv heads, the padded vocabulary's and the MLP's `divide`), which surface as "WorkerProc
+    initialization failed" after the workers have started."""
     if tp <= 1:
         return
     text = config.get_text_config()
@@ -35,6 +35,10 @@ def check_tensor_parallel(config, tp: int) -> None:
     if padded % tp:  # VocabParallelEmbedding: divide(num_embeddings_padded, tp_size)
         raise ValueError(f"tensor_parallel_size {tp} does not divide the model's vocabulary of {vocab} padded to "
                          f"{padded} (vLLM pads it to a multiple of {VOCAB_PADDING}, then shards it)")
+    mlp = getattr(text, "intermediate_size", None)
+    if mlp and mlp % tp:  # MergedColumnParallelLinear: divide(intermediate_size, tp_size)
+        raise ValueError(f"tensor_parallel_size {tp} does not divide the model's MLP width (intermediate_size "
+                         f"{mlp}; vLLM splits it over the GPUs)")
 
 
 class VLLMEngine(Engine):
