@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing as mp
+import random
 import statistics
 import tempfile
 import time
@@ -34,6 +35,9 @@ def run_job(api: str, spec: dict) -> float:
 
 
 async def _client(http: httpx.AsyncClient, stop: mp.Event, interval: float, latencies: list, errors: list) -> None:
+    # Each client starts at its own offset within the interval: clients that all wake together arrive as one
+    # burst of 2 x --clients requests per interval, and the queue that burst builds would be all p99 measures.
+    await asyncio.sleep(random.uniform(0, interval))
     job_id = None
     while not stop.is_set():
         for path in ([f"/v1/jobs/{job_id}"] if job_id else []) + ["/v1/jobs"]:
