@@ -31,48 +31,29 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from asyncopd.tools.bench_weights import TrainingRun  # noqa: E402
+
 LR = 1e-3
 GEN_PROMPTS, GEN_N, GEN_TOKENS = 16, 4, 32
 
 
-class LoraRun:
+class LoraRun(TrainingRun):
     """The learner's LoRA training in miniature: the PEFT-wrapped student, AdamW over the adapter alone."""
 
     def __init__(self, model_dir: Path, rank: int, seed: int = 0) -> None:
-        import deepspeed
-        import torch
-        from transformers import AutoModelForCausalLM
+        self.rank = rank
+        super().__init__(model_dir, LR, seed)
 
-        from asyncopd.jobspec import Lora, Train
+    def wrap(self, model, model_dir: Path):
+        from asyncopd.jobspec import Lora
         from asyncopd.ml import lora
-        from asyncopd.tools.bench_weights import _init_deepspeed
 
-        _init_deepspeed()
-        torch.manual_seed(seed)
-        defaults = Train()
-        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        self.model = lora.wrap(base, Lora(rank=rank, alpha=2 * rank), str(model_dir))
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=LR, weight_decay=defaults.weight_decay)
-        config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
-                  "gradient_clipping": defaults.grad_clip, "zero_optimization": {"stage": 0},
-                  "steps_per_print": 10**9}
-        self.engine, *_ = deepspeed.initialize(model=self.model, optimizer=optimizer, config=config)
-        self.gen = torch.Generator().manual_seed(seed)
-        self.config_json = lora.adapter_config_json(self.model)
-        self.trainable = sum(p.numel() for p in trainable)
+        return lora.wrap(model, Lora(rank=self.rank, alpha=2 * self.rank), str(model_dir))
 
-    def step(self) -> float:
-        import torch
+    def describe(self) -> str:
+        from asyncopd.ml import lora
 
-        from asyncopd.tools.bench_weights import BATCH, SEQ
-
-        ids = torch.randint(3, self.model.config.vocab_size, (BATCH, SEQ), generator=self.gen)
-        t0 = time.perf_counter()
-        loss = self.engine(input_ids=ids, labels=ids).loss
-        self.engine.backward(loss)
-        self.engine.step()
-        return time.perf_counter() - t0
+        return lora.adapter_config_json(self.model)
 
     def state(self) -> dict:
         from asyncopd.ml.lora import adapter_state
@@ -85,7 +66,6 @@ def publish_versions(size: str, model_dir: Path, ranks: list[int], steps: int, w
     import gc
 
     from asyncopd.ml.weights.transports import ADAPTER, setup_publisher
-    from asyncopd.tools.bench_weights import TrainingRun
 
     rows = []
     runs = [("full", None, lambda: TrainingRun(model_dir, LR))] + [(f"lora-r{r}", r, lambda r=r: LoraRun(model_dir, r))

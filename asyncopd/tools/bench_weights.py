@@ -68,14 +68,24 @@ class TrainingRun:
         _init_deepspeed()
         torch.manual_seed(seed)
         defaults = Train()
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=defaults.weight_decay)
+        self.model = self.wrap(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), model_dir)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=defaults.weight_decay)
         config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
                   "gradient_clipping": defaults.grad_clip, "zero_optimization": {"stage": 0},
                   "steps_per_print": 10**9}
         self.engine, *_ = deepspeed.initialize(model=self.model, optimizer=optimizer, config=config)
         self.gen = torch.Generator().manual_seed(seed)
-        self.config_json = self.model.config.to_json_string()
+        self.config_json = self.describe()
+        self.trainable = sum(p.numel() for p in trainable)
+
+    def wrap(self, model, model_dir: Path):
+        """The model to train (subclasses wrap it, e.g. in LoRA adapters)."""
+        return model
+
+    def describe(self) -> str:
+        """The config.json a published version carries."""
+        return self.model.config.to_json_string()
 
     def step(self) -> float:
         import torch
