@@ -81,7 +81,16 @@ class WeightsTransportSettings(BaseModel):
     """Mixed into the settings of the learner (which publishes weight versions) and of the rollout workers
     (which follow them): both must name the same transport (asyncopd.ml.weights.transports)."""
 
-    weights_transport: Literal["filesystem", "delta"] = Field(
+    weights_transport: Literal["filesystem", "delta", "nccl"] = Field(
         "filesystem", description="How policy versions reach rollout workers: filesystem (a full HF directory per "
-        "version on the shared volume) or delta (XOR deltas against the last full version, zstd, per-tensor "
-        "checksums; the learner's weights_full_every sets how often a full version is written).")
+        "version on the shared volume), delta (XOR deltas against the last full version, zstd, per-tensor "
+        "checksums; the learner's weights_full_every sets how often a full version is written) or nccl (vLLM "
+        "rollout engines receive each version from the learner through vLLM's weight transfer: NCCL on GPUs, gloo "
+        "on CPUs; every version is also published through weights_fallback, which serves whoever a transfer "
+        "cannot: the HF engine, workers joining late, failed rounds).")
+    weights_fallback: Literal["filesystem", "delta"] = Field(
+        "delta", description="nccl transport: the transport every version is also published through.")
+    weights_transfer_timeout_s: float = Field(
+        60.0, gt=0, description="nccl transport: bound on each step of a transfer round (forming the group, the "
+        "broadcast and reload); past it the round is aborted and its followers load the version from "
+        "weights_fallback.")

@@ -45,6 +45,10 @@ class EngineService(ABC):
         """The rank of LoRA adapters this service's engine must serve (the rollout of a LoRA student)."""
         return None
 
+    def weight_transfer(self, job: state.ActiveJob) -> bool:
+        """Whether this service's engine receives weight versions by transfer (the rollout, `nccl` transport)."""
+        return False
+
     @abstractmethod
     def handle(self, work: list[tuple[streams.Message, streams.Entry]]) -> None:
         """Process entries of the active job; write downstream, then ack."""
@@ -105,7 +109,8 @@ class EngineService(ABC):
                                   max_model_len=s.max_model_len, kv_cache_bytes=s.kv_cache_bytes,
                                   gpu_memory_utilization=s.gpu_memory_utilization,
                                   synthetic_latency_s=s.synthetic_latency_s, lora_rank=self.lora_rank(job),
-                                  tensor_parallel_size=s.tensor_parallel_size)
+                                  tensor_parallel_size=s.tensor_parallel_size,
+                                  weight_transfer=self.weight_transfer(job))
         except Exception as exc:  # a bad model path fails the job, never the worker
             log.exception("loading %s %s failed", self.role, model)
             self.fail(job.id, f"{self.role} could not load {model!r}: {exc}")

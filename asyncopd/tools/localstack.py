@@ -47,6 +47,8 @@ def base_env(run_dir: Path, redis_url: str) -> dict[str, str]:
         "ASYNCOPD_LOG_DIR": str(run_dir / "logs"),
         "ASYNCOPD_GRPC_HOST": "127.0.0.1",
         "ASYNCOPD_METRICS_HOST": "127.0.0.1",
+        # What each process advertises (its heartbeat; the learner's weight-transfer rounds): all on loopback.
+        "ASYNCOPD_POD_IP": "127.0.0.1",
         "PYTHONUNBUFFERED": "1",
         # Two cores: one thread per process keeps rollout, teacher and learner from thrashing each other.
         "OMP_NUM_THREADS": "1",

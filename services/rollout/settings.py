@@ -12,3 +12,6 @@ class RolloutSettings(EngineSettings, WeightsTransportSettings):
                             "ahead of the loaded one; a batch's version fence always forces it. 0 follows every "
                             "version; larger values trade sample freshness (still within max_staleness) for fewer "
                             "reloads.")
+    weights_transfer_join_s: float = Field(5.0, gt=0, description="nccl transport: how long a worker waits for the "
+                                           "learner to start a transfer round for the version it wants before "
+                                           "loading it from weights_fallback.")

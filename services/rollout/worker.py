@@ -48,11 +48,18 @@ class RolloutWorker(EngineService):
     def lora_rank(self, job):
         return job.spec.student.lora.rank if job.spec.student.lora else None
 
+    def weight_transfer(self, job) -> bool:
+        # Adapter versions always come from files (the `adapter` transport).
+        return self.settings.weights_transport == "nccl" and job.spec.student.lora is None
+
     def load(self, job) -> bool:
         # A fresh follower per job: lineage 0 (the job's initial student) and no cached delta base. A LoRA
         # student's versions are adapters over the base loaded here once, whatever the transport setting.
         kind = ADAPTER if job.spec.student.lora else self.settings.weights_transport
-        transport = setup_follower(kind, redis=self.r, job_id=job.id)
+        s = self.settings
+        transport = setup_follower(kind, redis=self.r, job_id=job.id, fallback=s.weights_fallback,
+                                   join_s=s.weights_transfer_join_s, timeout_s=s.weights_transfer_timeout_s,
+                                   stopped=self.rt.stop.is_set)
         self.follower = Follower(self.r, job.id, transport, reload_lag=self.reload_lag, wait_s=self.weight_wait_s,
                                  stop=self.rt.stop, on_load=self._loaded)
         return super().load(job)

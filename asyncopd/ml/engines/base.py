@@ -25,6 +25,8 @@ class Engine(ABC):
     """What rollout (generate) and teacher (score) code against. `version` is the policy version loaded."""
 
     version: int = 0
+    # The vLLM weight-transfer backend versions can arrive through (`nccl` weights transport); None: from files.
+    weight_transfer: str | None = None
 
     @abstractmethod
     def generate(self, prompts: list[list[int]], *, n: int, max_tokens: int, temperature: float,

@@ -44,7 +44,7 @@ def check_tensor_parallel(config, tp: int) -> None:
 class VLLMEngine(Engine):
     def __init__(self, model: str, *, device: str, dtype: str, seed: int, max_model_len: int,
                  kv_cache_bytes: int, gpu_memory_utilization: float, lora_rank: int | None = None,
-                 tensor_parallel_size: int = 1) -> None:
+                 tensor_parallel_size: int = 1, weight_transfer: bool = False) -> None:
         # In-process engine core: 3 s to start instead of 27 s, and weights reload by path either way. With
         # tensor_parallel_size > 1 the shards are worker processes either way (vLLM's multiprocess executor).
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -66,6 +66,14 @@ class VLLMEngine(Engine):
 
             # One adapter at a time: a rollout worker serves the newest version only.
             kwargs.update(enable_lora=True, max_lora_rank=vllm_max_rank(lora_rank), max_loras=1, max_cpu_loras=2)
+        # The vLLM weight-transfer backend versions arrive through (the `nccl` weights transport), or None.
+        self.weight_transfer = None
+        if weight_transfer:
+            from asyncopd.ml.weights.vllm_transfer import backend_for, register
+
+            register()  # this process's factory; worker processes get it from the vllm.general_plugins entry point
+            self.weight_transfer = backend_for(device)
+            kwargs["weight_transfer_config"] = {"backend": self.weight_transfer}
         self.lora = None  # the LoRARequest of the loaded adapter version: every request carries it
         self._lora_ids = 0
         self.llm = LLM(model=model, dtype=dtype, seed=seed, max_model_len=max_model_len,
@@ -170,6 +178,26 @@ class VLLMEngine(Engine):
         self.lora = request
         self.llm.reset_prefix_cache()  # cached prefixes hold attention state of the previous adapter
         self.version = version
+
+    def transfer_ranks(self) -> int:
+        """Ranks this engine takes in a weight-transfer group: one per shard."""
+        return self.tensor_parallel_size
+
+    def join_transfer(self, init_info: dict) -> None:
+        """Join the learner's transfer group (blocks until every member and the learner are in)."""
+        self.llm.init_weight_transfer_engine({"init_info": init_info})
+
+    def receive_transfer(self, update_info: dict, version: int) -> None:
+        """Receive a whole version into the running model (vLLM's layerwise reload). On failure the engine
+        restored the model's previous tensors (`vllm_transfer.restore_on_failure`) and the error propagates."""
+        self.llm.start_weight_update()
+        self.llm.update_weights({"update_info": update_info})
+        self.llm.finish_weight_update()
+        self.llm.reset_prefix_cache()  # cached prefixes hold attention state of the old weights
+        self.version = version
+
+    def leave_transfer(self) -> None:
+        self.llm.shutdown_weight_transfer_engine()
 
     def load_weights(self, path, version):
         self.llm.collective_rpc("reload_weights", kwargs={"weights_path": path})

@@ -8,3 +8,11 @@ SYNC_FAILURES = Counter("asyncopd_weight_sync_failures_total", "Published weight
 RELOAD_SECONDS = Histogram("asyncopd_weight_reload_seconds", "Time to load a published policy version.")
 PUBLISHED_BYTES = Counter("asyncopd_weight_published_bytes_total", "Bytes written to the shared volume by "
                           "weight publishes (full versions and deltas).")
+SYNC_FALLBACKS = Counter("asyncopd_weight_sync_fallbacks_total", "Versions a follower of the nccl transport loaded "
+                         "from the fallback transport instead of receiving them, by reason: unanswered (no round "
+                         "within weights_transfer_join_s), superseded (the learner holds a newer version), backend, "
+                         "aborted, failed (the round failed).", ["reason"])
+TRANSFER_ROUNDS = Counter("asyncopd_weight_transfer_rounds_total", "Weight-transfer rounds the learner served, by "
+                          "result (ok, failed).", ["result"])
+TRANSFER_SECONDS = Histogram("asyncopd_weight_transfer_seconds", "One successful weight-transfer round: group "
+                             "formation, broadcast and the followers' reload.")

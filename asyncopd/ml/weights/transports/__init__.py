@@ -1,5 +1,6 @@
 """Transports behind one interface (`base.WeightPublisher` / `base.WeightFollower`), picked by the typed
-`weights_transport` setting the learner and the rollout workers both carry: `filesystem` or `delta`."""
+`weights_transport` setting the learner and the rollout workers both carry: `filesystem`, `delta`, or `nccl`
+(a transfer from the learner, with `filesystem` or `delta` beneath it as the fallback)."""
 
 from __future__ import annotations
 
@@ -7,16 +8,25 @@ from pathlib import Path
 
 from asyncopd.ml.weights.transports.base import WeightFollower, WeightPublisher
 
-TRANSPORTS = ("filesystem", "delta")
+TRANSPORTS = ("filesystem", "delta", "nccl")
 # Not a setting: a job with `student.lora` publishes and follows adapter versions whatever the setting says.
 ADAPTER = "adapter"
 
 
 def setup_publisher(transport: str, root: Path, *, dtype: str = "float32", full_every: int = 8, redis=None,
-                    job_id: str | None = None, job_done=None) -> WeightPublisher:
+                    job_id: str | None = None, job_done=None, fallback: str = "delta",
+                    server=None) -> WeightPublisher:
     """The learner's publisher. With `redis` and `job_id`, a delta publisher answers followers' repair
-    requests until `job_done()` (or `close()`)."""
+    requests until `job_done()` (or `close()`). `nccl`: `fallback` publishes every version, then `server` (a
+    `nccl.TransferServer`) offers it to the followers."""
     from asyncopd.ml.dtypes import DTYPES
+
+    if transport == "nccl":
+        from asyncopd.ml.weights.transports.nccl import NcclPublisher
+
+        inner = setup_publisher(fallback, root, dtype=dtype, full_every=full_every, redis=redis, job_id=job_id,
+                                job_done=job_done)
+        return NcclPublisher(inner, server, DTYPES[dtype])
 
     if transport == "filesystem":
         from asyncopd.ml.weights.transports.filesystem import FilesystemPublisher
@@ -38,7 +48,15 @@ def setup_publisher(transport: str, root: Path, *, dtype: str = "float32", full_
     raise ValueError(f"unknown weights transport {transport!r}; one of {TRANSPORTS}")
 
 
-def setup_follower(transport: str, *, redis=None, job_id: str | None = None) -> WeightFollower:
+def setup_follower(transport: str, *, redis=None, job_id: str | None = None, fallback: str = "delta",
+                   join_s: float = 5.0, timeout_s: float = 60.0, stopped=lambda: False) -> WeightFollower:
+    """`nccl`: receives by transfer (`join_s`, `timeout_s`; `stopped()` ends a wait early) what it can, the rest
+    through `fallback`."""
+    if transport == "nccl":
+        from asyncopd.ml.weights.transports.nccl import NcclFollower
+
+        return NcclFollower(setup_follower(fallback, redis=redis, job_id=job_id), redis, job_id, join_s=join_s,
+                            timeout_s=timeout_s, stopped=stopped)
     if transport == "filesystem":
         from asyncopd.ml.weights.transports.filesystem import FilesystemFollower
 

@@ -1,0 +1,63 @@
+"""The whole stack on the `nccl` weights transport (ASYNCOPD_WEIGHTS_TRANSPORT=nccl for every service) with vLLM
+engines on CPUs, so versions travel over vLLM's weight transfer with the `asyncopd_gloo` backend: a
+strict-synchronous job whose rollout receives every version from the learner (none from the fallback's files),
+and a learner killed mid-job whose restarted successor serves the new lineage the same way."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import redis
+
+from asyncopd import state
+from asyncopd.ports import free_port
+from asyncopd.tools import localstack
+from tests import helpers as pipeline
+from tests.helpers import steps, submit, tiny_job, wait_job
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, tiny_models):
+    run_dir = tmp_path_factory.mktemp("stack-nccl")
+    info = localstack.up(run_dir, http_port=free_port(), engine="vllm", rollouts=1,
+                         extra_env={"ASYNCOPD_RECLAIM_IDLE_MS": "5000", "ASYNCOPD_WEIGHTS_TRANSPORT": "nccl",
+                                    "ASYNCOPD_WEIGHTS_FALLBACK": "delta", "ASYNCOPD_WEIGHTS_FULL_EVERY": "3"})
+    info["engine"] = "vllm"
+    yield info
+    localstack.down(run_dir)
+
+
+def logs(stack, service: str) -> str:
+    return "".join(p.read_text() for p in sorted((Path(stack["run_dir"]) / "logs").glob(f"{service}*.log")))
+
+
+def test_a_strictly_synchronous_job_receives_every_version_by_transfer(stack, tiny_models):
+    api = stack["api_url"]
+    job = wait_job(api, submit(api, tiny_job(tiny_models, max_staleness=0, train={"steps": 8}))["id"])
+    records = steps(api, job["id"])
+    pipeline.check_accounting(job, records, 0)
+    assert all(s["staleness"] == {"0": s["samples"]} for s in records)  # every version was loaded
+    sent = {int(v) for v in re.findall(r"weights: v(\d+) sent to 1 follower", logs(stack, "learner"))}
+    assert set(range(1, 8)) <= sent, sent  # the last version (8) trains nothing, so no worker asks for it
+    assert "not received by transfer" not in logs(stack, "rollout")
+
+
+def test_a_restarted_learner_serves_the_new_lineage_by_transfer(stack, tiny_models):
+    api = stack["api_url"]
+    r = redis.Redis.from_url(stack["redis_url"], decode_responses=True)
+    job = submit(api, tiny_job(tiny_models, max_staleness=1, train={"steps": 24, "checkpoint_every": 5}))
+    killed_at = pipeline.kill_learner_when(api, r, job["id"], lambda step, _: step >= 7)
+    assert killed_at < 24, "the job finished before the learner could be killed"
+    localstack.restart(Path(stack["run_dir"]), "learner", stack["engine"])
+    done = wait_job(api, job["id"])
+    records = steps(api, job["id"])
+    pipeline.check_accounting(done, records, 1)
+    assert [s["step"] for s in records] == list(range(1, 25))
+    assert int(r.get(state.lineage_key(job["id"]))) == 2
+    learner = Path(stack["run_dir"]) / "logs" / "learner.log"
+    after_restart = learner.read_text().rsplit("lineage 2", 1)[-1]
+    assert re.search(r"weights: v\d+ sent to 1 follower", after_restart), after_restart[-3000:]
