@@ -361,6 +361,52 @@ def test_multirank_learner_runs_torchrun_with_a_c10d_rendezvous_on_pod_0(rendere
     assert int(port) in {p["port"] for p in headless["spec"]["ports"]}
 
 
+# -- weights transport -----------------------------------------------------------------------------------
+
+NCCL_ENV = {
+    "rollout": {"ASYNCOPD_WEIGHTS_TRANSPORT": "nccl", "ASYNCOPD_WEIGHTS_FALLBACK": "filesystem",
+                "ASYNCOPD_WEIGHTS_TRANSFER_TIMEOUT_S": "120", "ASYNCOPD_WEIGHTS_TRANSFER_JOIN_S": "10"},
+    "learner": {"ASYNCOPD_WEIGHTS_TRANSPORT": "nccl", "ASYNCOPD_WEIGHTS_FALLBACK": "filesystem",
+                "ASYNCOPD_WEIGHTS_TRANSFER_TIMEOUT_S": "120", "ASYNCOPD_WEIGHTS_TRANSFER_PORT": "29700"},
+}
+
+
+def test_nccl_transport_reaches_both_workloads(rendered):
+    m = rendered["nccl"]
+    for component, expected in NCCL_ENV.items():
+        c = container(workload(m, component))
+        assert {k: env_value(c, k) for k in expected} == expected, component
+    # Rank 0 advertises its transfer rounds at its pod IP.
+    assert env_of(container(workload(m, "learner")))["ASYNCOPD_POD_IP"]["valueFrom"] == {
+        "fieldRef": {"fieldPath": "status.podIP"}
+    }
+
+
+def test_nccl_transfer_port_is_declared_on_the_learner_only_with_nccl(rendered):
+    sts = workload(rendered["nccl"], "learner")
+    assert {"name": "weights-xfer", "containerPort": 29700, "protocol": "TCP"} in container(sts)["ports"]
+    (headless,) = [s for s in objs(rendered["nccl"], "Service") if s["metadata"]["name"] == sts["spec"]["serviceName"]]
+    xfer = {"name": "weights-xfer", "port": 29700, "targetPort": "weights-xfer", "protocol": "TCP"}
+    assert xfer in headless["spec"]["ports"]
+    for scenario in ("default", "multirank-learner"):
+        m = rendered[scenario]
+        assert env_value(container(workload(m, "learner")), "ASYNCOPD_WEIGHTS_TRANSPORT") != "nccl"
+        names = {p["name"] for p in container(workload(m, "learner"))["ports"]}
+        names |= {p["name"] for s in objs(m, "Service") for p in s["spec"]["ports"]}
+        assert "weights-xfer" not in names, scenario
+
+
+def test_nccl_transfer_port_0_picks_a_free_port_and_declares_none():
+    p = render_with(
+        "-f", str(chartcheck.scenario("nccl").values), "--set", "learner.config.weightsTransferPort=0"
+    )
+    assert p.returncode == 0, p.stderr
+    m = chartcheck.manifests(p.stdout)
+    c = container(workload(m, "learner"))
+    assert env_value(c, "ASYNCOPD_WEIGHTS_TRANSFER_PORT") == "0"
+    assert "weights-xfer" not in {port["name"] for port in c["ports"]}
+
+
 # -- coordinator, RBAC, ingress ----------------------------------------------------------------------------
 
 

@@ -89,6 +89,34 @@ def test_network_policies_say_who_reaches_which_port(rendered):
     assert redis_rule["from"] == [{"podSelector": {"matchLabels": release}}]
 
 
+def admits_on_every_port(netpol, pod_labels: dict) -> bool:
+    """Whether a pod of this namespace with these labels reaches the policy's pods on every TCP port."""
+    for rule in netpol["spec"].get("ingress", []):
+        if "ports" in rule:
+            continue
+        for peer in rule.get("from", [{}]):
+            sel = peer.get("podSelector")
+            if (sel is not None and "namespaceSelector" not in peer and not sel.get("matchExpressions")
+                    and sel.get("matchLabels", {}).items() <= pod_labels.items()):
+                return True
+    return False
+
+
+@pytest.mark.parametrize("scenario", ["nccl", "default"])
+def test_nccl_transfer_groups_reach_each_other_on_every_port(rendered, scenario):
+    """A transfer round is a torch process group of learner rank 0 and the rollout pods: the TCPStore on the
+    learner's weights-xfer port, then NCCL bootstrap / gloo connections on ephemeral ports between every pair of
+    members (rollout<->rollout too). The release-wide rule of each policy admits them; egress is not restricted."""
+    m = rendered[scenario]
+    labels = {c: workload(m, c)["spec"]["template"]["metadata"]["labels"] for c in ("learner", "rollout")}
+    for target in ("learner", "rollout"):
+        netpol = policy(m, target)
+        assert netpol["spec"]["policyTypes"] == ["Ingress"], target
+        for source in ("learner", "rollout"):
+            assert admits_on_every_port(netpol, labels[source]), f"{source} -> {target}"
+    assert not admits_on_every_port(policy(m, "learner"), {"app.kubernetes.io/name": "other"})
+
+
 def test_network_policies_take_the_peers_given_and_admit_keda_to_redis():
     peer = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ops"}}}
     manifests = rendered_with("--set-json", f"networkPolicy.grpcFrom=[{json.dumps(peer)}]",

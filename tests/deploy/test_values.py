@@ -28,7 +28,12 @@ SCHEMA = json.loads((chartcheck.CHART / "values.schema.json").read_text())
         ),
         (["--set", "teacher.config.dtype=fp8"], "at '/teacher/config/dtype'"),
         (["--set", "learner.config.zeroStage=4"], "at '/learner/config/zeroStage'"),
-        (["--set", "rollout.config.weightsTransport=nccl"], "at '/rollout/config/weightsTransport'"),
+        (["--set", "rollout.config.weightsTransport=rdma"], "at '/rollout/config/weightsTransport'"),
+        (["--set", "learner.config.weightsFallback=nccl"], "at '/learner/config/weightsFallback'"),
+        (["--set", "rollout.config.weightsTransferTimeoutS=0"], "at '/rollout/config/weightsTransferTimeoutS'"),
+        (["--set", "rollout.config.weightsTransferJoinS=0"], "at '/rollout/config/weightsTransferJoinS'"),
+        (["--set", "learner.config.weightsTransferPort=65536"], "at '/learner/config/weightsTransferPort'"),
+        (["--set", "rollout.config.weightsTransferPort=29600"], "at '/rollout/config': additional properties"),
         (["--set", "rollout.config.gpuMemoryUtilization=1.5"], "at '/rollout/config/gpuMemoryUtilization'"),
         (["--set", "coordinator.replicaCount=2"], "at '/coordinator/replicaCount': maximum: got 2, want 1"),
         (["--set", "rollout.gpu=2"], "at '/rollout': additional properties 'gpu' not allowed"),
@@ -55,6 +60,8 @@ def test_schema_rejects_bad_values(args, message):
 
 # -- cross-value rules (templates/_validate.tpl) fail with a sentence that names the fix -------------------
 
+NCCL = ["--set", "learner.config.weightsTransport=nccl", "--set", "rollout.config.weightsTransport=nccl"]
+
 
 @pytest.mark.parametrize(
     ("args", "message"),
@@ -71,6 +78,18 @@ def test_schema_rejects_bad_values(args, message):
         (["--set", "rollout.gpus=0"], "rollout.config.device=cuda needs rollout.gpus >= 1"),
         (["--set", "learner.config.weightsTransport=delta"],
          "learner.config.weightsTransport=delta but rollout.config.weightsTransport=filesystem"),
+        (
+            [*NCCL, "--set", "learner.config.weightsFallback=filesystem"],
+            "learner.config.weightsFallback=filesystem but rollout.config.weightsFallback=delta",
+        ),
+        (
+            [*NCCL, "--set-json", "rollout.config.weightsTransferTimeoutS=30.5"],
+            "learner.config.weightsTransferTimeoutS=60 but rollout.config.weightsTransferTimeoutS=30.5",
+        ),
+        (
+            [*NCCL, "--set", "learner.config.weightsTransferPort=29400"],
+            "learner.config.weightsTransferPort=29400 is also learner.torchrun.rendezvousPort",
+        ),
         (["--set", "learner.gpus=0"], "learner.config.device=cuda needs learner.gpus >= 1"),
         (
             [
@@ -119,6 +138,13 @@ def test_cross_value_rules_fail_with_a_clear_message(args, message):
     p = render_with(*args)
     assert p.returncode != 0, f"{args} was accepted"
     assert message in p.stderr, p.stderr
+
+
+def test_nccl_settings_need_not_match_under_another_transport():
+    """weightsFallback and weightsTransferTimeoutS only matter with nccl: without it they may differ."""
+    p = render_with("--set", "learner.config.weightsFallback=filesystem",
+                    "--set", "rollout.config.weightsTransferTimeoutS=5")
+    assert p.returncode == 0, p.stderr
 
 
 def test_a_secret_from_a_secret_ref_is_fine():
@@ -257,6 +283,7 @@ def test_ci_scenarios_cover_what_the_issue_asks_for():
         "multirank-learner",
         "monitoring",
         "minimal",
+        "nccl",
     } <= names
 
 

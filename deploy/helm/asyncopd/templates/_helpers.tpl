@@ -175,6 +175,15 @@ redis://{{ include "asyncopd.redis.host" . }}:{{ .Values.redis.port }}/{{ .Value
 {{- end }}
 {{- end }}
 
+{{/* The learner's fixed nccl weights-transfer port (learner.config.weightsTransferPort), "" when the transport
+is not nccl or the port is 0 (a free one per round, which no container port or Service can declare). */}}
+{{- define "asyncopd.weightsTransferPort" -}}
+{{- $c := .Values.learner.config -}}
+{{- if and (eq $c.weightsTransport "nccl") (gt (int $c.weightsTransferPort) 0) -}}
+{{ int $c.weightsTransferPort }}
+{{- end -}}
+{{- end }}
+
 {{/* Pod pieces ---------------------------------------------------------------------------------------- */}}
 
 {{/* Scheduling and security of an asyncopd pod; args: dict "ctx" $ "c" .Values.rollout */}}

@@ -35,6 +35,22 @@ keys to change. Included from validate.yaml, so every render runs it.
 {{- if ne $v.learner.config.weightsTransport $v.rollout.config.weightsTransport }}
 {{- fail (printf "learner.config.weightsTransport=%s but rollout.config.weightsTransport=%s: rollout workers must follow the transport the learner publishes with, set both alike" $v.learner.config.weightsTransport $v.rollout.config.weightsTransport) }}
 {{- end }}
+{{- if eq $v.learner.config.weightsTransport "nccl" }}
+{{- $l := $v.learner.config }}
+{{- $r := $v.rollout.config }}
+{{- if ne $l.weightsFallback $r.weightsFallback }}
+{{- fail (printf "learner.config.weightsFallback=%s but rollout.config.weightsFallback=%s: with the nccl transport rollout workers load from the fallback the learner publishes every version through, set both alike" $l.weightsFallback $r.weightsFallback) }}
+{{- end }}
+{{- if ne (float64 $l.weightsTransferTimeoutS) (float64 $r.weightsTransferTimeoutS) }}
+{{- fail (printf "learner.config.weightsTransferTimeoutS=%v but rollout.config.weightsTransferTimeoutS=%v: both sides bound the steps of the same nccl transfer round, set both alike" $l.weightsTransferTimeoutS $r.weightsTransferTimeoutS) }}
+{{- end }}
+{{- $port := int $l.weightsTransferPort }}
+{{- range $key, $used := dict "learner.config.grpcPort" $l.grpcPort "learner.config.metricsPort" $l.metricsPort "learner.torchrun.rendezvousPort" $v.learner.torchrun.rendezvousPort }}
+{{- if and (gt $port 0) (eq $port (int $used)) }}
+{{- fail (printf "learner.config.weightsTransferPort=%d is also %s: the learner listens on both, choose another port" $port $key) }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- range $name := list "rollout" "teacher" }}
 {{- $c := index $v $name }}
 {{- if and $c.autoscaling.enabled (gt (int $c.autoscaling.minReplicas) (int $c.autoscaling.maxReplicas)) }}
