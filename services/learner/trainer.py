@@ -46,6 +46,17 @@ class StepResult:
     objective: dict[str, float]
 
 
+def layer_groups(names: list[str]) -> list[list[str]]:
+    """Parameter names grouped by the first numeric segment of their name (`model.layers.3.mlp...` -> layer 3),
+    in first-seen order; names without one (embeddings, final norm, head) form their own groups."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        parts = name.split(".")
+        key = next((".".join(parts[:i + 1]) for i, part in enumerate(parts) if part.isdigit()), name)
+        groups.setdefault(key, []).append(name)
+    return list(groups.values())
+
+
 class Trainer:
     def __init__(self, job: ActiveJob, settings: LearnerSettings) -> None:
         import deepspeed
@@ -169,11 +180,26 @@ class Trainer:
 
             with self._gathered([p for p in self.model.parameters() if p.requires_grad]):
                 return adapter_state(self.model) if self.rank == 0 else None
-        with self._gathered(list(self.model.parameters())):
-            if self.rank != 0:
-                return None
-            state = self.model.state_dict()
-            return {k: v.clone() for k, v in state.items()} if self.settings.zero_stage == 3 else state
+        if self.settings.zero_stage == 3:
+            return self._gathered_by_layer()
+        return self.model.state_dict() if self.rank == 0 else None
+
+    def _gathered_by_layer(self) -> dict | None:
+        """ZeRO-3: the full parameters one layer at a time, each copied to host memory on rank 0 before the next
+        is gathered, so no rank ever holds more than one layer beyond its partition (gathering the whole model
+        at once would need the whole model on every device). Tied parameters come once, under their first
+        name, as `named_parameters` lists them; persistent buffers (never partitioned) as they are."""
+        params = dict(self.model.named_parameters())
+        state: dict[str, torch.Tensor] = {}
+        for group in layer_groups(list(params)):
+            with self._gathered([params[n] for n in group]):
+                if self.rank == 0:
+                    state.update((n, params[n].detach().to("cpu", copy=True)) for n in group)
+        if self.rank != 0:
+            return None
+        persistent = set(self.model.state_dict())
+        state.update((n, b.detach().to("cpu", copy=True)) for n, b in self.model.named_buffers() if n in persistent)
+        return state
 
     def _gathered(self, params: list):
         if self.settings.zero_stage != 3:

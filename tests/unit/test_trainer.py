@@ -154,3 +154,30 @@ def test_two_ranks_step_like_one_rank_on_the_whole_batch(distributed, tiny_model
         assert two["record"]["objective"] == pytest.approx(one["objective"], rel=1e-4, abs=1e-6)
         for name, g in one_grads.items():
             torch.testing.assert_close(two["grads"][name], g, rtol=1e-4, atol=1e-7, msg=f"{samples}: {name}")
+
+
+def test_zero3_publishes_the_whole_model_gathering_one_layer_at_a_time(distributed, tiny_models, tmp_path):
+    """What a version holds under ZeRO-3 equals the state gathered all at once, bit for bit, yet no gather held
+    more than one layer's parameters (or one of the unnumbered ones: embeddings, final norm, head)."""
+    import deepspeed
+
+    from asyncopd.ml.weights.codec import served
+    from services.learner.settings import LearnerSettings
+    from services.learner.trainer import Trainer, layer_groups
+
+    spec = JobSpec.model_validate({"student": {"model": str(tiny_models["student"])},
+                                   "teacher": {"model": str(tiny_models["teacher"])},
+                                   "prompts": {"path": "unused.jsonl"}, "train": {"learning_rate": 1e-3}})
+    trainer = Trainer(ActiveJob("j", spec, str(tmp_path / "out")), LearnerSettings(data_dir=tmp_path, zero_stage=3))
+    trainer.step(entries(trainer.model.config.vocab_size, 4))
+    gathers, real = [], trainer._gathered
+    trainer._gathered = lambda params: gathers.append(len(params)) or real(params)
+    published = served(trainer._full_state_dict(), torch.float32)
+
+    names = [n for n, _ in trainer.model.named_parameters()]
+    assert max(gathers) == max(len(g) for g in layer_groups(names)) < len(names)
+    assert len(gathers) == trainer.model.config.num_hidden_layers + 3  # + embeddings, final norm, lm_head
+    with deepspeed.zero.GatheredParameters(list(trainer.model.parameters())):
+        whole = served({k: v.clone() for k, v in trainer.model.state_dict().items()}, torch.float32)
+    assert published.keys() == whole.keys()
+    assert all(torch.equal(published[k], whole[k]) for k in whole)
