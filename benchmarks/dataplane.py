@@ -20,11 +20,10 @@ import sys
 import time
 from pathlib import Path
 
-from scratch_redis import scratch_redis
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from asyncopd.streams import ScoredEntry  # noqa: E402
+from asyncopd.tools.scratch_redis import scratch_redis  # noqa: E402
 
 
 def entry(k: int, length: int, rnd: random.Random, dtype: str) -> ScoredEntry:

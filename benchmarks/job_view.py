@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from scratch_redis import scratch_redis
+from asyncopd.tools.scratch_redis import scratch_redis
 
 sys.path.insert(0, str(Path.cwd()))
 

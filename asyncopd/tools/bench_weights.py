@@ -3,11 +3,14 @@
 For each size (`asyncopd models --sizes`, random-init Llama-style models) and learning rate, a real short
 training run — DeepSpeed (ZeRO-0, one gloo rank) with torch AdamW on random token batches, the job defaults'
 weight decay and gradient clipping — publishes every version through each variant:
-- `filesystem` fp32 (what every version cost before the weights package), `filesystem` bf16, `delta` bf16;
+- `filesystem` fp32 (what every version cost before the weights package), `filesystem` bf16, `delta` bf16,
+  `nccl` bf16 (a transfer over vLLM's weight transfer, gloo on this CPU, with `delta` beneath it);
 and times, per version: publish seconds (served-dtype cast, encode, write, rename), bytes written, and the
 reload into an HF engine and a vLLM engine of the version's dtype (a follower that follows every version, as a
 rollout worker does; for `delta` on vLLM both ways of handing over the rebuilt tensors: the in-process
-`weights_iterator` and a worker-local directory reloaded by path).
+`weights_iterator` and a worker-local directory reloaded by path; for `nccl`, vLLM only, one transfer round
+from a transfer server in this process, coordinated through a scratch redis-server: group formation over
+loopback, broadcast, layerwise reload).
 
 Files are read back from the page cache of a local disk: the reload seconds are the CPU's share (decode,
 checksums, copying into the engine), not a network volume's. `bytes_per_version` is what a shared volume
@@ -26,7 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
-VARIANTS = [("filesystem", "float32"), ("filesystem", "bfloat16"), ("delta", "bfloat16")]
+VARIANTS = [("filesystem", "float32"), ("filesystem", "bfloat16"), ("delta", "bfloat16"), ("nccl", "bfloat16")]
+TRANSFER_JOB = "bench-weights"  # the transfer server's and followers' job id (a scratch Redis of its own)
 BATCH, SEQ = 8, 128  # tokens per training step: 1,024 random ids
 FULL_EVERY = 8  # the default of weights_full_every: one cycle per run at the default 8 steps
 EMBEDDINGS = ("embed_tokens", "lm_head")
@@ -104,7 +108,8 @@ def build_engines(model_dir: Path, kinds: list[str]) -> dict:
     for k, v in (("VLLM_HOST_IP", "127.0.0.1"), ("VLLM_NO_USAGE_STATS", "1"), ("VLLM_ENABLE_V1_MULTIPROCESSING", "0")):
         os.environ.setdefault(k, v)
     return {(kind, dtype): build_engine(kind, str(model_dir), device="cpu", dtype=dtype, seed=0, max_model_len=256,
-                                        kv_cache_bytes=64 << 20, gpu_memory_utilization=0.5)
+                                        kv_cache_bytes=64 << 20, gpu_memory_utilization=0.5,
+                                        weight_transfer=kind == "vllm")
             for kind in kinds for dtype in {d for _, d in VARIANTS}}
 
 
@@ -126,9 +131,9 @@ def _numel(shape: list[int]) -> int:
     return n
 
 
-def train_and_publish(size: str, model_dir: Path, lrs: list[float], steps: int, work: Path) -> list[dict]:
+def train_and_publish(size: str, model_dir: Path, lrs: list[float], steps: int, work: Path, server) -> list[dict]:
     """Per-version rows of one size (every variant, every learning rate), each with the version's location:
-    every version stays on disk for `follow_all`."""
+    every version stays on disk for `follow_all`. `server`: the `nccl` variant's transfer server."""
     import gc
 
     from asyncopd.ml.weights.manifest import Manifest
@@ -138,7 +143,8 @@ def train_and_publish(size: str, model_dir: Path, lrs: list[float], steps: int, 
     for lr in lrs:
         run = TrainingRun(model_dir, lr)
         params = sum(p.numel() for p in run.model.parameters())
-        publishers = {(t, d): setup_publisher(t, work / f"{size}-{lr:g}-{t}-{d}", dtype=d, full_every=FULL_EVERY)
+        publishers = {(t, d): setup_publisher(t, work / f"{size}-{lr:g}-{t}-{d}", dtype=d, full_every=FULL_EVERY,
+                                              fallback="delta", server=server)
                       for t, d in VARIANTS}
         for version in range(1, steps + 1):
             step_s = run.step()
@@ -158,26 +164,44 @@ def train_and_publish(size: str, model_dir: Path, lrs: list[float], steps: int, 
     return rows
 
 
-def follow_all(rows: list[dict], engines: dict) -> None:
+def follow_all(rows: list[dict], engines: dict, server) -> None:
     """Time each engine following every version of each (lr, variant) in order, as a rollout worker does: one
     follower per (variant, engine[, way in]), each with its own delta base. Version by version, every follower
-    in turn, so load from other work on the machine falls on all of them alike. Adds reload_* columns."""
+    in turn, so load from other work on the machine falls on all of them alike. Adds reload_* columns. `nccl`:
+    the transfer server is offered each version first (its tensors rebuilt from the fallback's files, not
+    timed), then a vLLM engine receives it in one round."""
     from asyncopd.ml.weights.transports import setup_follower
 
     groups = sorted({(r["lr"], r["transport"], r["dtype"]) for r in rows})
-    followers = {(g, kind, via): setup_follower(g[1]) for g in groups for kind in sorted({k for k, d in engines
-                                                                                          if d == g[2]})
+    followers = {(g, kind, via): setup_follower(g[1], redis=server.r, job_id=TRANSFER_JOB, fallback="delta")
+                 for g in groups for kind in sorted({k for k, d in engines if d == g[2]})
+                 if g[1] != "nccl" or kind == "vllm"
                  for via in (("iterator", "path") if g[1] == "delta" and kind == "vllm" else ("",))}
+    offered = {g: setup_follower("delta") for g in groups if g[1] == "nccl"}
+    served_by_files = fallbacks()
     by_key = {(r["lr"], r["transport"], r["dtype"], r["version"]): r for r in rows}
     for version in sorted({r["version"] for r in rows}):
         for (group, kind, via), follower in followers.items():
             row, engine = by_key[(*group, version)], engines[(kind, group[2])]
+            if group in offered:
+                server.offer(version, row["location"], offered[group].tensors(row["location"]))
             t0 = time.perf_counter()
             if via == "path":
                 engine.load_tensors(follower.tensors(row["location"]), version, via="path")
             else:
                 follower.load(row["location"], version, engine)
             row[f"reload_{kind}{'_path' if via == 'path' else ''}_s"] = round(time.perf_counter() - t0, 4)
+            if group in offered and fallbacks() != served_by_files:
+                raise RuntimeError(f"nccl: version {version} came from the fallback's files, not a transfer round "
+                                   "(see the log): its time would be the fallback's")
+
+
+def fallbacks() -> float:
+    """Versions the `nccl` followers of this process loaded from the fallback instead (all reasons)."""
+    from asyncopd.ml.weights.metrics import SYNC_FALLBACKS
+
+    return sum(sample.value for metric in SYNC_FALLBACKS.collect() for sample in metric.samples
+               if sample.name.endswith("_total"))
 
 
 def aggregate(rows: list[dict]) -> list[dict]:
@@ -262,7 +286,7 @@ def plot(agg: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for (transport, dtype), marker in zip(((t, d) for t, d in VARIANTS), "os^", strict=True):
+    for (transport, dtype), marker in zip(((t, d) for t, d in VARIANTS), "os^D", strict=True):
         for lr, style in zip(sorted({a["lr"] for a in agg}, reverse=True), ("-", "--"), strict=False):
             group = sorted((a for a in agg if (a["transport"], a["dtype"], a["lr"]) == (transport, dtype, lr)),
                            key=lambda a: a["params_m"])
@@ -311,6 +335,14 @@ def findings(agg: list[dict], rows: list[dict]) -> list[str]:
                    f" s; the iterator was faster for {wins} of {len(paired)} versions. The engine uses the iterator "
                    "in-process and the directory only with a separate engine process (where an iterator cannot "
                    "cross the RPC).")
+    for lr in sorted({a["lr"] for a in agg}):
+        n, f, d = (at.get((largest, lr, t, "bfloat16")) for t in ("nccl", "filesystem", "delta"))
+        if n and f and d and n["reload_vllm_s"] is not None:
+            out.append(f"- lr {lr:g}, {largest:g}M, vLLM bf16: a transfer round (`nccl` on gloo over loopback: group "
+                       f"formation, broadcast, layerwise reload) took {n['reload_vllm_s']} s, against "
+                       f"{f['reload_vllm_s']} s reading a `filesystem` version and {d['reload_vllm_s']} s rebuilding a "
+                       f"`delta` one from files; its publish ({n['publish_s']} s) is the `delta` fallback's "
+                       f"({d['publish_s']} s) plus a served-dtype copy for the transfer server.")
     for a in agg:
         if a["params_m"] == largest and a["lr"] == min(x["lr"] for x in agg):
             reload = a["reload_vllm_s"] if a["reload_vllm_s"] is not None else a["reload_hf_s"]
@@ -361,8 +393,12 @@ def write_report(out: Path, command: str, rows: list[dict], agg: list[dict], ste
         "| system | path | model | time per sync | hardware |", "|---|---|---|---|---|",
         *[f"| {a} | {b} | {c} | {d} | {e} |" for a, b, c, d, e in PEERS], "",
         "These are GPU-to-GPU (NCCL) transfers; the filesystem and delta transports here are the shared-volume "
-        "path that a late joiner and a fallback always need. The `nccl` transport (vLLM's weight-transfer "
-        "engine) is the one to compare with them.", "",
+        "path that a late joiner and a fallback always need. The `nccl` transport is the one to compare with "
+        "them, on GPUs: here it ran over gloo on loopback TCP (learner and follower threads of one process), "
+        "so its reload seconds (and "
+        "their extrapolation) are this CPU's, not NCCL's; a round also has a fixed cost of ~0.12 s here (a 50 ms "
+        "gather window, the Redis handshake, ~30 ms to join, receive into and leave the group at the example "
+        "size).", "",
         "![cost curve](weights.png)", "",
     ]
     (out / "weights.md").write_text("\n".join(lines))
@@ -372,28 +408,33 @@ def write_report(out: Path, command: str, rows: list[dict], agg: list[dict], ste
 def suite_weights(out: Path, sizes: list[str], steps: int, lrs: list[float], engine_kinds: list[str], smoke: bool,
                   command: str) -> list[dict]:
     from asyncopd.ml.tinymodels import build_sizes
+    from asyncopd.ml.weights.transports.nccl import TransferServer
+    from asyncopd.tools.scratch_redis import scratch_redis
 
     if smoke:
-        sizes, steps, lrs, engine_kinds = ["example"], 3, lrs[:1], ["hf"]
+        sizes, steps, lrs, engine_kinds = ["example"], 3, lrs[:1], ["hf", "vllm"]
     models = build_sizes(Path(".cache/models"), sizes)
     Path(".cache").mkdir(exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bench-weights-", dir=".cache"))  # runs at once must not share it
-    # Every training run before any vLLM engine: DeepSpeed's initialize fails once vLLM has set up its groups.
-    by_size = {size: train_and_publish(size, models[size], lrs, steps, work) for size in sizes}
     rows = []
-    for size in sizes:
-        engines = build_engines(models[size], engine_kinds)
-        try:
-            follow_all(by_size[size], engines)
-        finally:
-            for engine in engines.values():
-                engine.close()
-        for row in by_size[size]:
-            row.pop("location")
-        for directory in work.glob(f"{size}-*"):
-            shutil.rmtree(directory, ignore_errors=True)
-        rows += by_size[size]
-        print(json.dumps(aggregate(by_size[size]), indent=1), flush=True)
+    with scratch_redis() as (r, _):
+        server = TransferServer(r, TRANSFER_JOB, device="cpu", host="127.0.0.1", port=0, timeout_s=120)
+        # Every training run before any vLLM engine: DeepSpeed's initialize fails once vLLM has set up its groups.
+        by_size = {size: train_and_publish(size, models[size], lrs, steps, work, server) for size in sizes}
+        for size in sizes:
+            engines = build_engines(models[size], engine_kinds)
+            try:
+                follow_all(by_size[size], engines, server)
+            finally:
+                for engine in engines.values():
+                    engine.close()
+            for row in by_size[size]:
+                row.pop("location")
+            for directory in work.glob(f"{size}-*"):
+                shutil.rmtree(directory, ignore_errors=True)
+            rows += by_size[size]
+            print(json.dumps(aggregate(by_size[size]), indent=1), flush=True)
+        server.close()
     shutil.rmtree(work, ignore_errors=True)
     agg = aggregate(rows)
     write_report(out, command, rows, agg, steps)

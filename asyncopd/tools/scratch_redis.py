@@ -1,4 +1,4 @@
-"""A throwaway redis-server for the stand-alone benchmarks: free port, temporary directory, no persistence."""
+"""A throwaway redis-server for benchmarks: free port, temporary directory, no persistence."""
 
 from __future__ import annotations
 
@@ -21,7 +21,9 @@ def scratch_redis(**client_kwargs) -> Iterator[tuple[redis.Redis, Path]]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     data = Path(tempfile.mkdtemp())
-    server = subprocess.Popen([shutil.which("redis-server") or "redis-server", "--port", str(port), "--save", "",
+    from asyncopd.tools.localstack import redis_binary
+
+    server = subprocess.Popen([redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                                "--dir", str(data)], stdout=subprocess.DEVNULL)
     try:
         r = redis.Redis(port=port, **client_kwargs)

@@ -1,5 +1,6 @@
 """`asyncopd models --sizes` and `asyncopd bench --suite weights --smoke`: the cost-curve harness runs end to
-end (a real DeepSpeed run, both transports, the HF engine) and writes its report. It measures nothing."""
+end (a real DeepSpeed run, every transport, HF and vLLM engines, an `nccl` transfer round) and writes its
+report. It measures nothing."""
 
 from __future__ import annotations
 
@@ -30,7 +31,9 @@ def test_weights_bench_smoke_writes_its_report(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert {"weights.md", "weights.csv", "weights-runs.csv", "weights.png"} <= {p.name for p in out.iterdir()}
     rows = {(r["transport"], r["dtype"]): r for r in csv.DictReader(open(out / "weights.csv"))}
-    assert set(rows) == {("filesystem", "float32"), ("filesystem", "bfloat16"), ("delta", "bfloat16")}
+    assert set(rows) == {("filesystem", "float32"), ("filesystem", "bfloat16"), ("delta", "bfloat16"),
+                         ("nccl", "bfloat16")}
     assert float(rows["delta", "bfloat16"]["vs_full_bf16"]) < float(rows["filesystem", "bfloat16"]["vs_full_bf16"])
     assert float(rows["filesystem", "float32"]["reload_hf_s"]) > 0
+    assert float(rows["nccl", "bfloat16"]["reload_vllm_s"]) > 0 and not rows["nccl", "bfloat16"]["reload_hf_s"]
     assert "## Extrapolated" in (out / "weights.md").read_text()
