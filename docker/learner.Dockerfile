@@ -13,6 +13,9 @@ FROM ${CUDA_DEVEL_IMAGE} AS build
 ARG TORCH_VERSION=2.14.0
 ARG DEEPSPEED_VERSION=0.19.8
 ARG TRANSFORMERS_SPEC="transformers>=5.16.1,<5.21"
+# The trainer side of the `nccl` weights transport is vLLM's weight-transfer engine (the learner serves no model
+# with it): the rollout image's vLLM version, so both sides speak the same protocol.
+ARG VLLM_SPEC="vllm==0.33.0"
 ARG DS_BUILD_OPS=0
 ARG TORCH_CUDA_ARCH_LIST="8.0;9.0;10.0"
 ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -22,9 +25,11 @@ RUN apt-get update \
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 # zstandard + xxhash: the `delta` weights transport; peft: LoRA students (the `ml` extra, which pins the CPU
-# torch, is not used).
-RUN pip install "torch==${TORCH_VERSION}" "${TRANSFORMERS_SPEC}" safetensors numpy zstandard xxhash peft \
-    setuptools wheel
+# torch, is not used). vLLM's vision dependencies go: the learner trains text models, and on CPU a torchvision
+# built for another torch breaks `from transformers import LlamaForCausalLM` (torchvision::nms).
+RUN pip install "torch==${TORCH_VERSION}" "${VLLM_SPEC}" "${TRANSFORMERS_SPEC}" safetensors numpy zstandard xxhash \
+        peft setuptools wheel \
+    && (pip uninstall -y torchvision torchaudio torchcodec || true)
 # DeepSpeed's setup.py inspects the installed torch, hence --no-build-isolation. DS_BUILD_OPS and
 # TORCH_CUDA_ARCH_LIST reach it as build arguments (a RUN sees the stage's ARGs in its environment).
 RUN DS_BUILD_FUSED_ADAM=${DS_BUILD_OPS} DS_BUILD_CPU_ADAM=${DS_BUILD_OPS} pip install --no-build-isolation "deepspeed==${DEEPSPEED_VERSION}"

@@ -239,13 +239,13 @@ def declared_args(path: Path) -> set[str]:
 @pytest.mark.parametrize("service", SERVICES)
 def test_cpu_variant_changes_only_the_bases_and_the_engine(service):
     """The images check builds the CPU variants from these same Dockerfiles; what may differ from the CUDA
-    images is the base images (ARGs used in FROM) and the engine's version (the learner's torch), nothing
-    else: every other step is shared."""
+    images is the base images (ARGs used in FROM) and the engine's version (the learner's torch and the vLLM
+    build its weight transfer comes from), nothing else: every other step is shared."""
     imagescheck = deploy_script("imagescheck")
     path = DOCKER / f"{service}.Dockerfile"
     overrides = set(imagescheck.CPU_VARIANT[service])
     assert overrides <= declared_args(path), f"{service}: build args the Dockerfile does not declare"
-    assert overrides <= from_args(path) | {"TORCH_VERSION"}, overrides - from_args(path)
+    assert overrides <= from_args(path) | {"TORCH_VERSION", "VLLM_SPEC"}, overrides - from_args(path)
 
 
 def test_image_bases_of_the_check_stand_in_for_registry_images_only():

@@ -17,10 +17,12 @@ imagescheck = deploy_script("imagescheck")
 
 UID = 10001
 # The CPU scenario of the chart (deploy/helm/ci/cpu.yaml) with vLLM serving rollout and teacher, as the GPU
-# values do; a 64 MiB KV cache (vLLM's CPU default would take ~11 GiB).
+# values do; a 64 MiB KV cache (vLLM's CPU default would take ~11 GiB); versions over the `nccl` transport
+# (vLLM's weight transfer on gloo here), which needs vLLM in the learner's image and its plugin in the rollout's.
 CHART_ARGS = ("-f", str(ROOT / "deploy" / "helm" / "ci" / "cpu.yaml"),
               "--set", "rollout.config.engine=vllm", "--set", "teacher.config.engine=vllm",
-              "--set", "teacher.config.kvCacheBytes=67108864")
+              "--set", "teacher.config.kvCacheBytes=67108864",
+              "--set", "learner.config.weightsTransport=nccl", "--set", "rollout.config.weightsTransport=nccl")
 
 
 @pytest.fixture(scope="session")
@@ -67,6 +69,8 @@ class Pods:
         env = dict(self.chart[service])
         env.update({"ASYNCOPD_REDIS_URL": self.redis_url, "ASYNCOPD_POD_IP": "127.0.0.1",
                     **{f"ASYNCOPD_{k}_PORT": str(v) for k, v in ports.items()}})
+        if "ASYNCOPD_WEIGHTS_TRANSFER_PORT" in env:  # the chart's fixed port could be taken on the host network
+            env["ASYNCOPD_WEIGHTS_TRANSFER_PORT"] = "0"
         if service == "coordinator":
             # No Kubernetes API here: the rollout worker is a container of its own, not one the pool scales.
             env.update({"ASYNCOPD_POOL_BACKEND": "local", "ASYNCOPD_ROLLOUT_REPLICAS": "0"})

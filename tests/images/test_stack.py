@@ -1,6 +1,7 @@
 """The stack started from its own images: Redis here, the four services from the CPU variants of their images
 (non-root, read-only root filesystem, the chart's mounts and environment), a job submitted over REST runs to
-the end and exports a student that loads and differs from the one it started from."""
+the end and exports a student that loads and differs from the one it started from, its versions received by
+the rollout over the `nccl` transport (vLLM's weight transfer, gloo on CPUs)."""
 
 from __future__ import annotations
 
@@ -51,6 +52,8 @@ def test_a_job_runs_end_to_end_from_the_images(pods, tiny_models, r):
     job = submit(api, spec)
     done = wait_job(api, job["id"], timeout_s=600)
     check_accounting(done, steps(api, job["id"]), eta=spec["max_staleness"])
+    learner = next(c for c in containers if c.log.stem == "learner").output()
+    assert "sent to 1 follower" in learner, learner[-3000:]  # the learner image's vLLM, the rollout's plugin
 
     # The exported student: written by the pods' user under the shared volume, a loadable HF model, trained.
     result = pods.data / Path(done["result_dir"]).relative_to("/data")
