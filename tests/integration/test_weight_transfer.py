@@ -28,12 +28,17 @@ _ENGINE = None
 # -- in the follower's process ----------------------------------------------------------------------------------
 
 
-def _start_engine(student: str) -> None:
+def _start_engine(student: str, tp: int = 1) -> None:
     global _ENGINE
+    import os
+
     from asyncopd.ml.engines import build_engine
 
+    if tp > 1:  # one shard per core (vLLM's automatic binding wants a NUMA node per shard)
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i % os.cpu_count()) for i in range(tp))
     _ENGINE = build_engine("vllm", student, device="cpu", dtype="float32", seed=0, max_model_len=128,
-                           kv_cache_bytes=32 << 20, gpu_memory_utilization=0.5, weight_transfer=True)
+                           kv_cache_bytes=32 << 20, gpu_memory_utilization=0.5, weight_transfer=True,
+                           tensor_parallel_size=tp)
 
 
 def _follow(redis_url: str, job_id: str, location: str, version: int, join_s: float = 5.0) -> dict:
@@ -129,6 +134,18 @@ def test_a_version_arrives_by_transfer_without_its_files(learner, rollout, redis
     got = rollout.submit(_follow, redis_server, "job-t", location, 2).result()
     assert (got["version"], got["scores"]) == (2, pytest.approx(want, abs=1e-5))
     assert rounds("ok") == ok + 2
+
+
+def test_a_tensor_parallel_engine_receives_into_every_shard_through_the_plugin(learner, tiny_models, redis_server):
+    """TP = 2: vLLM's worker processes know `asyncopd_gloo` only through the `vllm.general_plugins` entry point
+    (the in-process registration does not reach them), and each shard is a member of the round at its own rank."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=_start_engine,
+                             initargs=(str(tiny_models["student"]), 2)) as sharded:
+        location, want = learner(1)
+        shutil.rmtree(location)
+        got = sharded.submit(_follow, redis_server, "job-t", location, 1).result()
+    assert (got["version"], got["scores"]) == (1, pytest.approx(want, abs=1e-5))
+    assert not any(got["fallbacks"].values()), got["fallbacks"]
 
 
 class DiesMidRound(dict):
