@@ -72,6 +72,8 @@ def main() -> None:
     ap.add_argument("--interval", type=float, default=0.0, help="seconds between one client's polls")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--engine", choices=("vllm", "hf"), default="vllm")
+    ap.add_argument("--data-path-nice", type=int, default=0,
+                    help="experiment: renice rollout workers, teacher and learner by this much once up")
     args = ap.parse_args()
     from asyncopd.ml.tinymodels import build_all
 
@@ -83,6 +85,13 @@ def main() -> None:
     info = localstack.up(run_dir, http_port=free_port(), engine=args.engine, rollouts=1)
     try:
         api = info["api_url"]
+        if args.data_path_nice:
+            import psutil
+
+            coordinator = psutil.Process(info["pids"]["coordinator"])
+            for p in [psutil.Process(info["pids"][s]) for s in ("teacher", "learner")] + coordinator.children():
+                for q in [p, *p.children(recursive=True)]:
+                    q.nice(args.data_path_nice)
         alone = run_job(api, {**spec, "name": "alone"})
         stop = mp.Event()
         receive, send = mp.Pipe(duplex=False)
