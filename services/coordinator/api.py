@@ -13,6 +13,7 @@ import json
 import logging
 import re
 import secrets
+import time
 from contextlib import asynccontextmanager
 
 import yaml
@@ -45,6 +46,7 @@ from asyncopd.api_models import (
 from asyncopd.jobspec import JobSpec
 from asyncopd.outputs import OutputDirError
 from services.coordinator.jobs import JobConflict, JobNotFound, JobStore
+from services.coordinator.metrics import HTTP_SECONDS
 from services.coordinator.pools import PoolError, RolloutPool
 from services.coordinator.runner import JobRunner
 
@@ -134,6 +136,31 @@ def check_shape(body: object) -> None:
             stack.extend((item, depth + 1) for item in value)
 
 
+class RequestTimer:
+    """ASGI middleware: every request's time in `asyncopd_http_request_seconds`, labelled by the route template
+    the router matched ("unmatched" for a 404), so a job id never becomes a label."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0, status = time.perf_counter(), 500
+
+        async def send_status(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            HTTP_SECONDS.labels(scope["method"], route, str(status)).observe(time.perf_counter() - t0)
+
+
 class BodyLimit:
     """ASGI middleware: a request body over `limit` bytes is a 413, by its Content-Length before anything is
     read, or while it is read (a chunked body) before the rest arrives."""
@@ -177,6 +204,7 @@ def create_app(store: JobStore, runner: JobRunner, pool: RolloutPool, api_token:
 
     app = FastAPI(title="asyncopd coordinator", version="1", lifespan=lifespan, responses=ERRORS)
     app.add_middleware(BodyLimit, limit=max_body_bytes)
+    app.add_middleware(RequestTimer)  # added last: the outermost, so a 413 from BodyLimit is timed too
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError):

@@ -31,6 +31,7 @@ HISTOGRAMS = {
     "asyncopd_learner_step_seconds",
     "asyncopd_weight_publish_seconds",
     "asyncopd_weight_reload_seconds",
+    "asyncopd_http_request_seconds",
 }
 COUNTERS = {
     "asyncopd_samples_dropped_stale_total",
@@ -41,6 +42,8 @@ COUNTERS = {
     "asyncopd_teacher_samples_total",
     "asyncopd_dead_letter_entries_total",
     "asyncopd_phase_seconds_total",
+    "asyncopd_weight_transfer_rounds_total",
+    "asyncopd_weight_sync_fallbacks_total",
 }
 GAUGES = {
     "asyncopd_stream_pending_entries",

@@ -148,6 +148,26 @@ def test_health_metrics_openapi_and_pools(api, redis_server):
     assert httpx.put(f"{api}/v1/pools/rollout", json={"replicas": -1}).status_code == 422
 
 
+def test_request_times_are_labelled_by_route_template_never_by_job_id(api):
+    """asyncopd_http_request_seconds: one series per (method, route template, status), however many job ids."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def count(route: str, status: str) -> float:
+        text = httpx.get(f"{api}/metrics").text
+        return sum(s.value for f in text_string_to_metric_families(text) if f.name == "asyncopd_http_request_seconds"
+                   for s in f.samples if s.name.endswith("_count")
+                   and (s.labels["method"], s.labels["route"], s.labels["status"]) == ("GET", route, status))
+
+    before = count("/v1/jobs/{job_id}", "404")
+    for job_id in ("nope-00000001", "nope-00000002", "nope-00000003"):
+        assert httpx.get(f"{api}/v1/jobs/{job_id}").status_code == 404
+    assert count("/v1/jobs/{job_id}", "404") == before + 3
+    unmatched = count("unmatched", "404")
+    assert httpx.get(f"{api}/no/such/path").status_code == 404
+    assert count("unmatched", "404") == unmatched + 1
+    assert "nope-0000000" not in httpx.get(f"{api}/metrics").text
+
+
 def test_step_records_come_in_pages_and_progress_reads_the_learners_hash(api, r, tiny_models):
     """The coordinator reads progress from the hash the learner writes with each record (never the records),
     and serves the records page by page; the client walks every page."""

@@ -16,3 +16,8 @@ TRANSFER_ROUNDS = Counter("asyncopd_weight_transfer_rounds_total", "Weight-trans
                           "result (ok, failed).", ["result"])
 TRANSFER_SECONDS = Histogram("asyncopd_weight_transfer_seconds", "One successful weight-transfer round: group "
                              "formation, broadcast and the followers' reload.")
+# At zero from start-up, every label value (dashboards plot increase() per label; an absent series is "no data").
+for _reason in ("unanswered", "superseded", "backend", "aborted", "failed"):
+    SYNC_FALLBACKS.labels(_reason)
+for _result in ("ok", "failed"):
+    TRANSFER_ROUNDS.labels(_result)
