@@ -377,8 +377,9 @@ def plot_findings(agg: list[dict], path: Path) -> None:
         group = [a for a in agg if a["objective"] == kind and a["final_accuracy_mean"] is not None]
         x = [a["max_staleness"] for a in group]
         mean = [a["final_accuracy_mean"] for a in group]
-        ax.errorbar(x, mean, yerr=[[m - a["final_accuracy_min"] for m, a in zip(mean, group, strict=True)],
-                                   [a["final_accuracy_max"] - m for m, a in zip(mean, group, strict=True)]],
+        # The mean is rounded in the table; one seed's min or max can lie a rounding step beyond it.
+        ax.errorbar(x, mean, yerr=[[max(0.0, m - a["final_accuracy_min"]) for m, a in zip(mean, group, strict=True)],
+                                   [max(0.0, a["final_accuracy_max"] - m) for m, a in zip(mean, group, strict=True)]],
                     marker="o", capsize=3, label=kind)
     ax.set_xlabel("max_staleness η")
     ax.set_ylabel("final held-out accuracy (min/mean/max over seeds)")
