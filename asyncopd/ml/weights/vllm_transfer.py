@@ -112,6 +112,14 @@ def gloo_group(host: str, port: int, rank: int, world_size: int, timeout_s: floa
                                                           timeout=timedelta(seconds=timeout_s))
 
 
+def destroy(group) -> None:
+    """Shut a gloo group down (None: nothing to do); returns None, what the owner holds afterwards."""
+    if group is not None:
+        from vllm.distributed.utils import stateless_destroy_torch_distributed_process_group
+
+        stateless_destroy_torch_distributed_process_group(group)
+
+
 def broadcast(group, tensor: torch.Tensor) -> None:
     """From group rank 0 (the trainer); a stateless group has no global ranks, so the group's own method."""
     import torch.distributed as dist
@@ -168,11 +176,7 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, TensorsUpdateI
                 [getattr(torch, update_info.dtype_names[i]) for i in chunk], [sizes[i] for i in chunk]))
 
     def shutdown(self) -> None:
-        if self.group is not None:
-            from vllm.distributed.utils import stateless_destroy_torch_distributed_process_group
-
-            group, self.group = self.group, None
-            stateless_destroy_torch_distributed_process_group(group)
+        self.group = destroy(self.group)
 
 
 @dataclass(kw_only=True)
@@ -272,11 +276,7 @@ class GlooTrainerEngine(TrainerWeightTransferEngine[GlooTrainerInitInfo]):
         self.client.finish_weight_update()
 
     def shutdown(self) -> None:
-        if self.group is not None:
-            from vllm.distributed.utils import stateless_destroy_torch_distributed_process_group
-
-            group, self.group = self.group, None
-            stateless_destroy_torch_distributed_process_group(group)
+        self.group = destroy(self.group)
 
 
 def register() -> None:
