@@ -187,7 +187,8 @@ def build_all(services: tuple[str, ...] = SERVICES) -> dict[str, float]:
 def chart_env(*helm_args: str) -> dict[str, dict[str, str]]:
     """Per service, the environment the chart gives its container (`helm template` with `helm_args`). Entries
     the cluster fills in (valueFrom: the pod IP, the namespace) are left to the caller."""
-    sys.path.insert(0, str(ROOT / "deploy"))
+    if str(ROOT / "deploy") not in sys.path:  # loaded from the tests by path, not run from deploy/
+        sys.path.insert(0, str(ROOT / "deploy"))
     import chartcheck
 
     out: dict[str, dict[str, str]] = {}
