@@ -340,14 +340,15 @@ def _params(s) -> tuple[int, int]:
 
 
 def phase_weights(ctx: Context, deadline: float) -> str:
-    """Publish + reload through each transport on device tensors, in this process."""
+    """Publish + reload through each file transport on device tensors, in this process (`nccl` needs vLLM, which
+    the GPU machine does not have)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from asyncopd.ml.dtypes import DTYPES
     from asyncopd.ml.engines.hf_engine import HFEngine
     from asyncopd.ml.weights.manifest import Manifest
-    from asyncopd.ml.weights.transports import TRANSPORTS, setup_follower, setup_publisher
+    from asyncopd.ml.weights.transports import FILE_TRANSPORTS, setup_follower, setup_publisher
 
     device, dtype, p = torch.device(ctx.device), ctx.profile.dtype, ctx.profile
     cuda = device.type == "cuda"
@@ -365,8 +366,8 @@ def phase_weights(ctx: Context, deadline: float) -> str:
     engine = HFEngine(str(model_dir), device=ctx.device, dtype=dtype)
     root = ctx.work / "weights"
     shutil.rmtree(root, ignore_errors=True)
-    publishers = {t: setup_publisher(t, root / t, dtype=dtype, full_every=8) for t in TRANSPORTS}
-    followers = {t: setup_follower(t) for t in TRANSPORTS}
+    publishers = {t: setup_publisher(t, root / t, dtype=dtype, full_every=8) for t in FILE_TRANSPORTS}
+    followers = {t: setup_follower(t) for t in FILE_TRANSPORTS}
     config_json = model.config.to_json_string()
     gen = torch.Generator(device=device).manual_seed(0)
     mismatches = []
@@ -383,7 +384,7 @@ def phase_weights(ctx: Context, deadline: float) -> str:
         sync()
         step_s = time.perf_counter() - t0
         state = model.state_dict()
-        for transport in TRANSPORTS:
+        for transport in FILE_TRANSPORTS:
             t0 = time.perf_counter()
             location = publishers[transport].publish(version, state, config_json)
             publish_s = time.perf_counter() - t0
@@ -414,7 +415,7 @@ def phase_weights(ctx: Context, deadline: float) -> str:
     shutil.rmtree(root, ignore_errors=True)
     if mismatches:
         raise CheckFailed("the engine does not hold the published weights: " + "; ".join(mismatches))
-    return f"{p.weights_versions} versions x {len(TRANSPORTS)} transports, every reload bit-exact"
+    return f"{p.weights_versions} versions x {len(FILE_TRANSPORTS)} transports, every reload bit-exact"
 
 
 class CheckStack:

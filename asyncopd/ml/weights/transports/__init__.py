@@ -9,6 +9,8 @@ from pathlib import Path
 from asyncopd.ml.weights.transports.base import WeightFollower, WeightPublisher
 
 TRANSPORTS = ("filesystem", "delta", "nccl")
+# The transports that need nothing but a shared volume (nccl needs vLLM on both sides, and one beneath it).
+FILE_TRANSPORTS = ("filesystem", "delta")
 # Not a setting: a job with `student.lora` publishes and follows adapter versions whatever the setting says.
 ADAPTER = "adapter"
 
@@ -23,6 +25,9 @@ def setup_publisher(transport: str, root: Path, *, dtype: str = "float32", full_
 
     if transport == "nccl":
         from asyncopd.ml.weights.transports.nccl import NcclPublisher
+
+        if server is None:
+            raise ValueError("the nccl transport publishes through a transfer server (server=TransferServer(...))")
 
         inner = setup_publisher(fallback, root, dtype=dtype, full_every=full_every, redis=redis, job_id=job_id,
                                 job_done=job_done)
@@ -72,4 +77,5 @@ def setup_follower(transport: str, *, redis=None, job_id: str | None = None, fal
     raise ValueError(f"unknown weights transport {transport!r}; one of {TRANSPORTS}")
 
 
-__all__ = ["ADAPTER", "TRANSPORTS", "WeightFollower", "WeightPublisher", "setup_follower", "setup_publisher"]
+__all__ = ["ADAPTER", "FILE_TRANSPORTS", "TRANSPORTS", "WeightFollower", "WeightPublisher", "setup_follower",
+           "setup_publisher"]
