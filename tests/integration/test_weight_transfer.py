@@ -166,8 +166,7 @@ class DiesMidRound(dict):
 def test_a_round_failing_mid_way_restores_the_engine_and_the_version_loads_from_the_fallback(
         learner, rollout, redis_server):
     location, want = learner(1)
-    version, _, tensors = learner.server.current
-    learner.server.offer(version, location, DiesMidRound(tensors))
+    learner.server.offer(1, location, DiesMidRound(learner.server.held[(1, location)]))
     before = rollout.submit(_fallbacks).result()
     failed = rounds("failed")
     t0 = time.monotonic()
@@ -188,8 +187,7 @@ def test_a_round_failing_part_way_whose_fallback_fails_too_leaves_an_engine_that
     """The layers the round reached hold the new weights, the others the old: the engine must not generate
     under either version's name until a version loads whole."""
     location, _ = learner(1)
-    version, _, tensors = learner.server.current
-    learner.server.offer(version, location, DiesMidRound(tensors))
+    learner.server.offer(1, location, DiesMidRound(learner.server.held[(1, location)]))
     shutil.rmtree(location)
     got = rollout.submit(_follow, redis_server, "job-t", location, 1).result()
     assert (got["error"], got["version"]) == ("missing", NO_VERSION)
@@ -199,13 +197,19 @@ def test_a_round_failing_part_way_whose_fallback_fails_too_leaves_an_engine_that
     assert (got["version"], got["scores"]) == (2, pytest.approx(want, abs=1e-5))
 
 
-def test_a_version_the_learner_no_longer_holds_loads_from_the_fallback(learner, rollout, redis_server):
-    old, want = learner(1)
-    learner(2)
+def test_the_version_before_the_newest_is_still_served_and_an_older_one_loads_from_the_fallback(
+        learner, rollout, redis_server):
+    """A worker fenced at v often asks just after the learner published v + 1: the server holds two versions."""
+    first, want_first = learner(1)
+    second, want_second = learner(2)
+    learner(3)
     before = rollout.submit(_fallbacks).result()
-    got = rollout.submit(_follow, redis_server, "job-t", old, 1).result()
+    got = rollout.submit(_follow, redis_server, "job-t", second, 2).result()
+    assert (got["version"], got["scores"]) == (2, pytest.approx(want_second, abs=1e-5))
+    assert got["fallbacks"] == before  # by transfer
+    got = rollout.submit(_follow, redis_server, "job-t", first, 1).result()
     assert got["fallbacks"]["superseded"] == before["superseded"] + 1
-    assert (got["version"], got["scores"]) == (1, pytest.approx(want, abs=1e-5))
+    assert (got["version"], got["scores"]) == (1, pytest.approx(want_first, abs=1e-5))
 
 
 def test_without_a_transfer_server_the_follower_waits_join_s_then_loads_from_the_fallback(

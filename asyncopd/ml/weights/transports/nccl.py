@@ -5,16 +5,16 @@ transfer cannot serve it.
 
 Why both: a collective needs every member present at once, and a rollout worker reloads between its batches,
 when its own fence or reload lag says so, not when the learner publishes. So the learner serves transfers on
-request: a transfer server thread holds the newest version (served-dtype copies in host memory, streamed to the
-device per tensor at send time) and forms one transfer group per round, from the followers that asked for
-that version within a short gather window, then tears it down. A group per round is what lets workers join
+request: a transfer server thread holds the two newest versions (served-dtype copies in host memory, streamed
+to the device per tensor at send time) and forms one transfer group per round, from the followers that asked
+for that version within a short gather window, then tears it down. A group per round is what lets workers join
 late (scale-up), die, or lag without stalling the learner; a follower that joins a running job, asks for a
 version the server no longer holds, or whose round fails, loads the version from the fallback transport and
 counts it in `asyncopd_weight_sync_fallbacks_total{reason}`. The job goes on either way.
 
 A round (Redis lists; the same pattern as `asyncopd.ml.weights.repair`):
 1. follower RPUSHes `{member, version, location, ranks, backend, mailbox, until}` on the job's transfer list;
-2. the server answers each request on its mailbox: `gone` (not the version it holds, or another backend), or
+2. the server answers each request on its mailbox: `gone` (not a version it holds, or another backend), or
    `init` with that member's rank offset in a group of 1 + Σ ranks;
 3. the trainer engine runs vLLM's handshake through `RoundClient`: `init` (members join the group while the
    trainer opens it), `update` (members start, receive and finish a layerwise reload while the trainer
@@ -156,7 +156,11 @@ def snapshot_source(tensors: dict[str, torch.Tensor], device: torch.device):
 
 
 class TransferServer:
-    """The learner's (rank 0's) side: a daemon thread that serves rounds of the newest offered version."""
+    """The learner's (rank 0's) side: a daemon thread that serves rounds of the `HELD` newest offered versions.
+    Two, not one: a worker fenced at version v often asks for it just after the learner published v + 1 (a
+    short step, or a worker one batch behind), and a round for v is still better than v's files."""
+
+    HELD = 2
 
     def __init__(self, r, job_id: str, *, device: str, host: str, port: int, timeout_s: float,
                  done=lambda: False, buffer_bytes: int | None = None) -> None:
@@ -168,16 +172,18 @@ class TransferServer:
         self.device = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
         self.host, self.port, self.timeout_s, self.done = advertised_host(host), port, timeout_s, done
         self.buffer_bytes = buffer_bytes or DEFAULT_BUFFER_BYTES
-        self.current: tuple[int, str, dict] | None = None  # (version, location, tensors), swapped whole
+        self.held: dict[tuple[int, str], dict] = {}  # (version, location) -> tensors, oldest first
         self.stop = threading.Event()
         self.rounds = 0
         self.thread = threading.Thread(target=self._run, name=f"weights-transfer-{job_id}", daemon=True)
         self.thread.start()
 
     def offer(self, version: int, location: str, tensors: dict[str, torch.Tensor]) -> None:
-        """Serve `version` from now on (tensors the caller no longer changes); a round in progress finishes
-        with the version it started with."""
-        self.current = (version, location, tensors)
+        """Serve `version` from now on (tensors the caller no longer changes), and forget all but the `HELD`
+        newest; a round in progress finishes with the tensors it started with."""
+        held = {k: v for k, v in self.held.items() if k != (version, location)}
+        held[(version, location)] = tensors
+        self.held = dict(list(held.items())[-self.HELD:])  # swapped whole: the server thread reads a snapshot
 
     def _run(self) -> None:
         if self.device.type == "cuda":
@@ -193,19 +199,22 @@ class TransferServer:
                 deadline = time.monotonic() + GATHER_S
                 while (more := _pop(self.r, self.key, max(0.0, deadline - time.monotonic()))) is not None:
                     requests.append(more)
-                current = self.current
-                members = [m for m in (self._admit(q, current) for q in requests) if m is not None]
-                if members:
-                    self._round(current, members)
+                held = self.held
+                rounds: dict[tuple[int, str], list[Member]] = {}
+                for request in requests:
+                    if (member := self._admit(request, held)) is not None:
+                        rounds.setdefault((request["version"], request["location"]), []).append(member)
+                for (version, location), members in sorted(rounds.items(), reverse=True):  # newest first
+                    self._round((version, location, held[(version, location)]), members)
             except Exception:  # the server must outlive a failed round or a Redis hiccup
                 log.exception("weights: transfer server")
                 self.stop.wait(1.0)
 
-    def _admit(self, request: dict, current) -> Member | None:
+    def _admit(self, request: dict, held: dict) -> Member | None:
         reason = None
         if request.get("until", float("inf")) < time.time():
             return None  # its follower stopped waiting and loaded the version another way
-        if current is None or (request["version"], request["location"]) != current[:2]:
+        if (request["version"], request["location"]) not in held:
             reason = "superseded"
         elif request["backend"] != self.backend:
             reason = "backend"
