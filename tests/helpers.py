@@ -69,16 +69,29 @@ def check_accounting(job: dict, steps: list[dict], eta: int) -> None:
 
 
 def kill_learner_when(api: str, r, job_id: str, ready) -> int:
-    """SIGKILL the learner as soon as `ready(step, lineage)` holds; the step it had reached."""
+    """SIGKILL the learner as soon as `ready(step, lineage)` holds; the step it had reached. The learner is
+    stopped (SIGSTOP) while each check reads its progress, so it cannot run past a short window (a restarted
+    learner replays its batches in tens of milliseconds each) between a check and the kill."""
+    step = 0
     with Client(api) as c:
         for _ in range(6000):
+            live = state.live_services(r, "learner")
+            if not live:  # restarting: nothing to stop yet
+                time.sleep(0.01)
+                continue
+            learner = live[0]
+            try:
+                os.kill(learner.pid, signal.SIGSTOP)
+            except ProcessLookupError:  # its heartbeat key outlived it
+                time.sleep(0.01)
+                continue
             step = c.job(job_id).progress.step
             if ready(step, int(r.get(state.lineage_key(job_id)) or 0)):
                 break
+            os.kill(learner.pid, signal.SIGCONT)
             time.sleep(0.01)
         else:
             raise AssertionError(f"the learner never reached the point to kill it at (step {step})")
-    (learner,) = state.live_services(r, "learner")
     os.kill(learner.pid, signal.SIGKILL)
     for _ in range(500):  # gone from the registry once its heartbeat key is removed or expires
         if not any(s.pid == learner.pid for s in state.live_services(r, "learner")):
