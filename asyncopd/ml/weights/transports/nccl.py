@@ -174,7 +174,6 @@ class TransferServer:
         self.buffer_bytes = buffer_bytes or DEFAULT_BUFFER_BYTES
         self.held: dict[tuple[int, str], dict] = {}  # (version, location) -> tensors, oldest first
         self.stop = threading.Event()
-        self.rounds = 0
         self.thread = threading.Thread(target=self._run, name=f"weights-transfer-{job_id}", daemon=True)
         self.thread.start()
 
@@ -227,7 +226,6 @@ class TransferServer:
         from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
 
         version, _, tensors = current
-        self.rounds += 1
         client = RoundClient(self.r, f"{self.key}:round:{uuid.uuid4().hex}", members, self.timeout_s)
         world = 1 + sum(m.ranks for m in members)
         t0 = time.perf_counter()
