@@ -129,6 +129,14 @@ CORRECTION_DESCRIPTION = (
 )
 
 
+BASELINE_DESCRIPTION = (
+    "Per-position baseline subtracted from the advantage: none, or topk: E_{y~pi_theta}[A] over the teacher's "
+    "top-K + tail bucket, i.e. minus the bucketed reverse KL at that position (detached). It does not depend "
+    "on the sampled token, so with correction is (or on policy) the gradient stays unbiased, while tokens the "
+    "teacher finds as likely as the student now get pushed up instead of nothing (docs/objectives.md)."
+)
+
+
 class ReverseKLSampledSpec(_Spec):
     """Reverse KL as a policy gradient on the sampled token, advantage log p_T - log pi_old (tinker style)."""
 
@@ -155,6 +163,10 @@ class ReverseKLRecomputeSpec(_Spec):
     clip_eps: float | None = Field(
         0.2, gt=0.0, lt=1.0, description=CLIP_EPS_DESCRIPTION + " null = plain importance sampling."
     )
+    baseline: Literal["none", "topk"] = Field("none", description=BASELINE_DESCRIPTION)
+
+    def needs_teacher_topk(self) -> bool:
+        return self.baseline == "topk"
 
 
 class ReverseKLMonteCarloSpec(_Spec):
@@ -178,9 +190,13 @@ class ReverseKLMonteCarloSpec(_Spec):
     clip_eps: float | None = Field(
         0.2, gt=0.0, lt=1.0, description=CLIP_EPS_DESCRIPTION + " null = plain importance sampling."
     )
+    baseline: Literal["none", "topk"] = Field("none", description=BASELINE_DESCRIPTION)
 
     def mc_samples(self) -> int:
         return self.samples - 1
+
+    def needs_teacher_topk(self) -> bool:
+        return self.baseline == "topk"
 
 
 class DecoupledPPOSpec(_Spec):

@@ -103,7 +103,9 @@ SOUND_SPECS = [
     ReverseKLRecomputeSpec(),
     ReverseKLRecomputeSpec(clip_eps=None),
     ReverseKLRecomputeSpec(correction="none"),
+    ReverseKLRecomputeSpec(baseline="topk"),
     ReverseKLMonteCarloSpec(samples=4),
+    ReverseKLMonteCarloSpec(samples=4, baseline="topk"),
     ReverseKLMonteCarloSpec(samples=4, advantage="rollout"),
     ReverseKLMonteCarloSpec(samples=4, correction="none"),
     DecoupledPPOSpec(),
@@ -645,6 +647,8 @@ def test_spec_tells_rollout_and_teacher_what_to_ship():
     assert not ReverseKLTopKSpec().needs_student_topk()
     assert ForwardKLTopKSpec().needs_teacher_topk() and MixedSpec().needs_teacher_topk()
     assert not ReverseKLRecomputeSpec().needs_teacher_topk()
+    assert ReverseKLRecomputeSpec(baseline="topk").needs_teacher_topk()
+    assert ReverseKLMonteCarloSpec(baseline="topk").needs_teacher_topk()
 
 
 def test_nested_and_yaml_style_specs_parse():

@@ -47,9 +47,11 @@ def build_loss(spec: ObjectiveSpec) -> Objective:
         case ReverseKLSampledSpec():
             return SampledReverseKL(spec.correction, spec.clip_eps, spec.is_cap, spec.log_ratio_clamp)
         case ReverseKLRecomputeSpec():
-            return SampledTokensReverseKL(spec.clip_eps, samples=1, correction=spec.correction)
+            return SampledTokensReverseKL(spec.clip_eps, samples=1, correction=spec.correction, baseline=spec.baseline)
         case ReverseKLMonteCarloSpec():
-            return SampledTokensReverseKL(spec.clip_eps, spec.samples, spec.correction, spec.advantage)
+            return SampledTokensReverseKL(
+                spec.clip_eps, spec.samples, spec.correction, spec.advantage, spec.baseline
+            )
         case DecoupledPPOSpec():
             return DecoupledPPO(spec.clip_eps, spec.behavior_cap)
         case M2POSpec():

@@ -20,6 +20,7 @@ from torch import Tensor
 from asyncopd.objective_spec import LOG_RATIO_CLAMP
 
 from .base import Objective, ObjectiveOutput, TokenBatch, float_like, floats, stat
+from .kl_topk import bucket_logprobs, reverse_terms_NB
 
 Correction = Literal["none", "is", "ppo_clip", "truncated_is"]
 
@@ -110,6 +111,11 @@ class SampledTokensReverseKL(Objective):
     with the recomputed advantage and plain IS this is an unbiased gradient of KL(pi_theta || p_T).
     correction "none" (the reference's use_importance_sampling off): ratio pi_theta/sg(pi_theta) -- value 1,
     gradient grad log pi_theta -- unbiased only when pi_old is the current student.
+    baseline "topk": A - b with b = -KL(pi_theta || p_T) over the teacher's top-K + tail bucket, detached. b
+    does not depend on the sampled tokens and E_{pi_old}[r grad log pi_theta] = E_{pi_theta}[grad log
+    pi_theta] = 0, so the expected gradient is unchanged wherever the ratio corrects (or on policy); without
+    it, a token the teacher likes as much as the student (A ~ 0) gets no push while a rejected one (A << 0)
+    is pushed down and its mass spreads over every other token, rarely-sampled junk included.
     """
 
     def __init__(
@@ -118,18 +124,26 @@ class SampledTokensReverseKL(Objective):
         samples: int = 1,
         correction: Literal["is", "none"] = "is",
         advantage: Literal["recompute", "rollout"] = "recompute",
+        baseline: Literal["none", "topk"] = "none",
     ) -> None:
         self.clip_eps = clip_eps
         self.samples = samples
         self.correction = correction
         self.advantage = advantage
+        self.baseline = baseline
 
     def __call__(self, student_logprobs_NV: Tensor, batch: TokenBatch) -> ObjectiveOutput:
         ids_NS, behavior_NS, teacher_NS = self._samples(batch)
         logprobs_NS = student_logprobs_NV.gather(-1, ids_NS.long())
         behavior_NS, teacher_NS = float_like(logprobs_NS, behavior_NS, teacher_NS)
-        baseline_NS = logprobs_NS.detach() if self.advantage == "recompute" else behavior_NS
-        advantage_NS = teacher_NS - baseline_NS
+        policy_NS = logprobs_NS.detach() if self.advantage == "recompute" else behavior_NS
+        advantage_NS = teacher_NS - policy_NS
+        extra: dict[str, Tensor | float] = {}
+        if self.baseline == "topk":
+            teacher_NB, student_NB, _, _ = bucket_logprobs(student_logprobs_NV.detach(), batch, tail=True)
+            position_baseline_N = -reverse_terms_NB(teacher_NB, student_NB).sum(-1)
+            advantage_NS = advantage_NS - position_baseline_N[:, None]
+            extra["baseline_mean"] = stat(position_baseline_N, "mean")
         log_ratio_NS = clamped_log_ratio(logprobs_NS, behavior_NS)
         flags: dict[str, Tensor] = {}
         if self.correction == "none":
@@ -140,7 +154,7 @@ class SampledTokensReverseKL(Objective):
             loss_NS, flags["clipped"] = clipped_surrogate(
                 log_ratio_NS.exp(), advantage_NS, 1 - self.clip_eps, 1 + self.clip_eps
             )
-        metrics = policy_metrics(logprobs_NS, behavior_NS, teacher_NS, log_ratio_NS, **flags)
+        metrics = policy_metrics(logprobs_NS, behavior_NS, teacher_NS, log_ratio_NS, **flags) | extra
         return ObjectiveOutput(loss_NS.mean(-1), floats(metrics))
 
     def _samples(self, batch: TokenBatch) -> tuple[Tensor, Tensor, Tensor]:
