@@ -285,8 +285,7 @@ def suite_findings(stack: Stack, job_file: Path, objectives: list[str], budgets:
     train = {"steps": 3 if smoke else steps, "checkpoint_every": steps}
     if learning_rate is not None:
         train["learning_rate"] = learning_rate
-    runs = [findings_objective(text) for text in objectives]
-    for label, objective, lr in runs:
+    for label, objective, lr in [findings_objective(text) for text in objectives]:
         for eta in budgets:
             for seed in seeds:
                 run_train = {**train, "seed": seed, **({"learning_rate": lr} if lr is not None else {})}
@@ -297,9 +296,32 @@ def suite_findings(stack: Stack, job_file: Path, objectives: list[str], budgets:
                 rows.append({**summarize(result, None), "objective": label})
                 curves += [{"objective": label, "max_staleness": eta, "seed": seed, "step": e["step"],
                             "accuracy": e["accuracy"], "kl_to_teacher": e["kl_to_teacher"]} for e in result["evals"]]
+    note = (f"Each run: {steps} steps from the same student; final held-out exact match and exact "
+            "KL(student||teacher) of the distilled student."
+            + (f" Learning rate {learning_rate} unless the objective names its own." if learning_rate else ""))
+    return report_findings(rows, curves, out, command, [note])
+
+
+def findings_from(dirs: list[Path], out: Path, command: str) -> list[dict]:
+    """The findings tables and plots of runs made by separate invocations (one per run, so a grid cut off
+    part-way keeps what finished): their findings-runs.csv and findings-curves.csv, merged."""
+    rows, curves, commands = [], [], []
+    for d in dirs:
+        rows += read_csv(d / "findings-runs.csv")
+        if (d / "findings-curves.csv").exists():
+            curves += read_csv(d / "findings-curves.csv")
+        first = (d / "findings.md").read_text().splitlines()[2] if (d / "findings.md").exists() else ""
+        commands.append(first.removeprefix("Command: ").split(" (")[0])
+    return report_findings(rows, curves, out, command,
+                           ["Merged from one invocation per run:", "", *[f"- {c}" for c in commands if c]])
+
+
+def report_findings(rows: list[dict], curves: list[dict], out: Path, command: str, notes: list[str]) -> list[dict]:
+    """Every run, the learning curves, and per (objective, η) the mean and range over seeds."""
+    labels = list(dict.fromkeys(r["objective"] for r in rows))
     agg = []
-    for label, _, _ in runs:
-        for eta in budgets:
+    for label in labels:
+        for eta in sorted({r["max_staleness"] for r in rows if r["objective"] == label}):
             group = [r for r in rows if r["objective"] == label and r["max_staleness"] == eta]
             agg.append({"objective": label, "max_staleness": eta, "seeds": len(group),
                         **spread(group, "final_accuracy"), **spread(group, "last3_accuracy"),
@@ -311,12 +333,23 @@ def suite_findings(stack: Stack, job_file: Path, objectives: list[str], budgets:
                     command, curves, [])
         plot_findings_curves(curves, out / "findings-curves.png")
     write_table(out, "findings", "The paper's findings at toy scale: objective x staleness (mean and range over seeds)",
-                command, agg, [f"Each run: {steps} steps from the same student; final held-out exact match and "
-                               "exact KL(student||teacher) of the distilled student."
-                               + (f" Learning rate {learning_rate} unless the objective names its own."
-                                  if learning_rate else "")])
+                command, agg, notes)
     plot_findings(agg, out / "findings.png")
     return agg
+
+
+def read_csv(path: Path) -> list[dict]:
+    """Rows written by write_table, with numbers as numbers and empty cells as None."""
+    def value(text: str) -> object:
+        for kind in (int, float):
+            try:
+                return kind(text)
+            except ValueError:
+                pass
+        return None if text == "" else text
+
+    with open(path, newline="") as fh:
+        return [{k: value(v) for k, v in row.items()} for row in csv.DictReader(fh)]
 
 
 def _plt():
@@ -410,7 +443,9 @@ def run(args) -> None:
             if "throughput" in suites:
                 summary["throughput"] = suite_throughput(stack, args.file, args.budgets, args.seeds, args.target,
                                                          out, args.smoke, command)
-            if "findings" in suites:
+            if "findings" in suites and args.findings_from:
+                summary["findings"] = findings_from(args.findings_from, out, command)
+            elif "findings" in suites:
                 summary["findings"] = suite_findings(stack, args.file, args.objectives, args.findings_budgets,
                                                      args.seeds, args.findings_steps, args.findings_lr, out,
                                                      args.smoke, command)

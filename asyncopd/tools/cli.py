@@ -346,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--findings-steps", type=int, default=300)
     p.add_argument("--findings-lr", type=float, help="learning rate of every findings run (default: the job's)")
+    p.add_argument("--findings-from", type=Path, nargs="+", metavar="DIR",
+                   help="findings: run nothing, merge these earlier findings outputs (one invocation per run) "
+                        "into one table, curves and plots")
     p.add_argument("--reload-eta", type=int, default=4, help="max_staleness of the reload-lag suite")
     p.add_argument("--reload-lags", type=int, nargs="+", default=[0, 3])
     p.add_argument("--reload-steps", type=int, default=1000)
