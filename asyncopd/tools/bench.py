@@ -261,22 +261,30 @@ def suite_reload(run_dir: Path, job_file: Path, engine: str, eta: int, lags: lis
     return rows
 
 
-def findings_objective(text: str) -> tuple[str, dict, float | None]:
-    """One `--objectives` item as (label, job-spec objective, learning rate or None): a kind (`m2po`) or a
-    YAML flow mapping of the objective with two optional extra keys, `lr` (this objective's learning rate;
-    finding 2 compares each objective at its own tuned rate) and `name` (its label in the tables), e.g.
+def findings_objective(text: str) -> tuple[str, dict, dict]:
+    """One `--objectives` item as (label, job-spec objective, job-spec overrides): a kind (`m2po`) or a YAML
+    flow mapping of the objective with optional extra keys: `lr` (this objective's learning rate; finding 2
+    compares each objective at its own tuned rate), `n` (samples per prompt, generation.n: more samples per
+    step, a variance reduction to compare) and `name` (its label in the tables), e.g.
     '{kind: reverse_kl_mc, samples: 4, lr: 5e-4}'. Validated here, so a typo fails before hours of runs."""
     import yaml
 
+    from asyncopd.jobspec import Generation
     from asyncopd.objective_spec import parse_objective
 
     value = yaml.safe_load(text)
     objective = {"kind": value} if isinstance(value, str) else dict(value or {})
-    lr, name = objective.pop("lr", None), objective.pop("name", None)
-    lr = None if lr is None else float(lr)  # YAML 1.1 reads 5e-4 (no dot) as a string
+    lr, n, name = objective.pop("lr", None), objective.pop("n", None), objective.pop("name", None)
     parse_objective(objective)
-    params = [f"{k}={v}" for k, v in objective.items() if k != "kind"] + ([f"lr={lr}"] if lr is not None else [])
-    return name or "-".join([objective.get("kind", "?"), *params]), objective, lr
+    params = [f"{k}={v}" for k, v in objective.items() if k != "kind"]
+    overrides: dict[str, dict] = {}
+    if lr is not None:
+        overrides["train"] = {"learning_rate": float(lr)}  # YAML 1.1 reads 5e-4 (no dot) as a string
+        params.append(f"lr={float(lr)}")
+    if n is not None:
+        overrides["generation"] = {"n": Generation(n=n).n}
+        params.append(f"n={n}")
+    return name or "-".join([objective.get("kind", "?"), *params]), objective, overrides
 
 
 def suite_findings(stack: Stack, job_file: Path, objectives: list[str], budgets: list[int], seeds: list[int],
@@ -285,20 +293,22 @@ def suite_findings(stack: Stack, job_file: Path, objectives: list[str], budgets:
     train = {"steps": 3 if smoke else steps, "checkpoint_every": steps}
     if learning_rate is not None:
         train["learning_rate"] = learning_rate
-    for label, objective, lr in [findings_objective(text) for text in objectives]:
+    for label, objective, overrides in [findings_objective(text) for text in objectives]:
         for eta in budgets:
             for seed in seeds:
-                run_train = {**train, "seed": seed, **({"learning_rate": lr} if lr is not None else {})}
+                run_train = {**train, "seed": seed, **overrides.get("train", {})}
                 slug = "".join(c if c.isalnum() or c in "._-" else "_" for c in label)[:80]
                 spec = base_spec(job_file, name=f"findings-{slug}-eta{eta}-s{seed}", max_staleness=eta,
-                                 objective=objective, train=run_train, eval={"every": 3 if smoke else steps})
+                                 objective=objective, train=run_train, eval={"every": 3 if smoke else steps},
+                                 **{k: v for k, v in overrides.items() if k != "train"})
                 result = stack.run(spec)
                 rows.append({**summarize(result, None), "objective": label})
                 curves += [{"objective": label, "max_staleness": eta, "seed": seed, "step": e["step"],
                             "accuracy": e["accuracy"], "kl_to_teacher": e["kl_to_teacher"]} for e in result["evals"]]
     note = (f"Each run: {steps} steps from the same student; final held-out exact match and exact "
             "KL(student||teacher) of the distilled student."
-            + (f" Learning rate {learning_rate} unless the objective names its own." if learning_rate else ""))
+            + (f" Learning rate {learning_rate} unless the objective names its own." if learning_rate else "")
+            + " An objective's `n` is its generation.n (samples per prompt; the job's otherwise).")
     return report_findings(rows, curves, out, command, [note])
 
 

@@ -694,16 +694,21 @@ def test_objective_spec_imports_without_torch():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
 
 
-def test_bench_findings_objectives_name_a_kind_or_a_spec_with_its_own_learning_rate():
+def test_bench_findings_objectives_name_a_kind_or_a_spec_with_its_own_learning_rate_and_n():
     from asyncopd.tools.bench import findings_objective
 
-    assert findings_objective("m2po") == ("m2po", {"kind": "m2po"}, None)
-    label, objective, lr = findings_objective("{kind: reverse_kl_mc, samples: 4, advantage: rollout, lr: 5e-4}")
-    assert objective == {"kind": "reverse_kl_mc", "samples": 4, "advantage": "rollout"} and lr == 5e-4
-    assert label == "reverse_kl_mc-samples=4-advantage=rollout-lr=0.0005"
+    assert findings_objective("m2po") == ("m2po", {"kind": "m2po"}, {})
+    label, objective, overrides = findings_objective(
+        "{kind: reverse_kl_mc, samples: 4, advantage: rollout, lr: 5e-4, n: 8}"
+    )
+    assert objective == {"kind": "reverse_kl_mc", "samples": 4, "advantage": "rollout"}
+    assert overrides == {"train": {"learning_rate": 5e-4}, "generation": {"n": 8}}
+    assert label == "reverse_kl_mc-samples=4-advantage=rollout-lr=0.0005-n=8"
     assert findings_objective("{kind: reverse_kl_recompute, correction: none, name: no-is}")[0] == "no-is"
     with pytest.raises(ValidationError):
         findings_objective("{kind: m2po, budget: 0.04}")  # a typo fails before any run
+    with pytest.raises(ValidationError):
+        findings_objective("{kind: m2po, n: 0}")
 
 
 @pytest.mark.parametrize("spec", [s for s in SOUND_SPECS if s.kind in ("forward_kl_topk", "reverse_kl_topk",
