@@ -69,7 +69,8 @@ class StepRecord(Record):
     objective: dict[str, float] = Field(default_factory=dict, description="The objective's diagnostics.")
     step_s: float = Field(description="Forward + backward + optimizer step.")
     wait_s: float = Field(description="Waiting for the batch to be complete.")
-    publish_s: float = Field(description="Publishing the new version.")
+    publish_s: float = Field(description="Seconds the step waited to publish the new version: its snapshot (the "
+                             "write follows in the background), or the whole write with weights_async_publish off.")
     time: float = Field(description="Unix time the step ended.")
 
 

@@ -6,7 +6,9 @@ DROPPED_STALE = Counter("asyncopd_samples_dropped_stale_total", "Samples over th
 TRAINED = Counter("asyncopd_samples_trained_total", "Samples trained on.")
 STEP_SECONDS = Histogram("asyncopd_learner_step_seconds", "Forward + backward + optimizer step.")
 WAIT_SECONDS = Histogram("asyncopd_learner_wait_seconds", "Time waiting for a batch to be complete.")
-PUBLISH_SECONDS = Histogram("asyncopd_weight_publish_seconds", "Time to write and announce a policy version.")
+PUBLISH_SECONDS = Histogram("asyncopd_weight_publish_seconds", "Time to write and announce a policy version (on "
+                            "rank 0's background writer with weights_async_publish; a step waits only for its "
+                            "snapshot, publish_s in the step records).")
 LOSS = Gauge("asyncopd_learner_loss", "Objective value of the last step (token mean).")
 KL = Gauge("asyncopd_learner_kl", "Sampled KL(behaviour policy || teacher) of the last batch, token mean: the policy "
            "that generated the batch, not the trained one.")

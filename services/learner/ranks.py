@@ -14,6 +14,7 @@ from typing import Any
 
 import torch.distributed as dist
 
+from asyncopd.ml.weights.background import Announce
 from asyncopd.state import ActiveJob
 from asyncopd.streams import ScoredEntry
 from services.learner.settings import LearnerSettings
@@ -31,8 +32,8 @@ class Step:
 
 @dataclass(frozen=True)
 class Publish:
-    def apply(self, trainer: Trainer) -> str:
-        return trainer.publish()
+    def apply(self, trainer: Trainer) -> None:
+        trainer.publish()
 
 
 @dataclass(frozen=True)
@@ -90,8 +91,17 @@ class RankDriver:
     def step(self, entries: list[ScoredEntry]) -> StepResult:
         return self.run(Step(entries))
 
-    def publish(self) -> str:
-        return self.run(Publish())
+    def publish(self, announce: Announce) -> None:
+        """Every rank joins the gather; rank 0 writes the version and then calls `announce(version, location)`
+        (in the background: `published` waits for it)."""
+        assert self.trainer is not None, "no job started"
+        self._send(Publish())
+        self.trainer.publish(announce)
+
+    def published(self) -> str | None:
+        """Rank 0 only (no collective): wait for the version being written; the newest location written."""
+        assert self.trainer is not None, "no job started"
+        return self.trainer.published()
 
     def checkpoint(self) -> None:
         self.run(Checkpoint())

@@ -63,7 +63,6 @@ class Recorder:
         metrics.TRAINED.inc(record.samples)
         metrics.DROPPED_STALE.inc(record.dropped_stale)
         metrics.STEP_SECONDS.observe(record.step_s)
-        metrics.PUBLISH_SECONDS.observe(record.publish_s)
         metrics.LOSS.set(record.loss)
         metrics.KL.set(record.behavior_kl)
         metrics.VERSION.set(record.version)

@@ -74,10 +74,10 @@ class Learner:
             with phases.timed(phases.ENGINE):
                 result = self.driver.step(batch.fresh)
                 self.pad_step(result.step_s)
-            path, publish_s = self.publish(job, trainer.version, lineage)
+            publish_s = self.publish(job, lineage)
             recorder.step(step_record(batch, result, trainer.version, publish_s))
             if evaluator and evaluator.due(trainer.version):
-                recorder.evaluation(evaluator.run(trainer.version, path))
+                recorder.evaluation(evaluator.run(trainer.version, self.driver.published()))
             if trainer.version % spec.train.checkpoint_every == 0 or trainer.version == spec.train.steps:
                 with phases.timed(phases.CHECKPOINT):
                     self.driver.checkpoint()
@@ -93,16 +93,18 @@ class Learner:
         back; the samples the discarded versions made are kept within the budget (`batches.trainable`)."""
         lineage = state.new_lineage(self.r, job.id)
         if lineage > 1:
-            self.publish(job, version, lineage)
+            self.publish(job, lineage)
+            self.driver.published()
             log.info("job %s: learner restarted, lineage %d from version %d", job.id, lineage, version)
         return lineage
 
-    def publish(self, job: state.ActiveJob, version: int, lineage: int) -> tuple[str, float]:
+    def publish(self, job: state.ActiveJob, lineage: int) -> float:
+        """Publish the trainer's current version; the seconds the learner waited (the snapshot, or the whole
+        write with weights_async_publish off, or the previous write still in flight)."""
         t0 = time.perf_counter()
         with phases.timed(phases.WEIGHTS):
-            path = self.driver.publish()
-            state.publish_version(self.r, job.id, version, path, lineage)
-        return path, time.perf_counter() - t0
+            self.driver.publish(lambda version, path: state.publish_version(self.r, job.id, version, path, lineage))
+        return time.perf_counter() - t0
 
     def pad_step(self, step_s: float) -> None:
         """The benchmark instrument `synthetic_step_s`: a step at least this long (a bigger model's step)."""

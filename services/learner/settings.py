@@ -20,6 +20,9 @@ class LearnerSettings(ServiceSettings, WeightsTransportSettings):
         "float32", description="dtype of published weight versions: the rollout engines' dtype (bfloat16 on GPU).")
     weights_full_every: int = Field(8, ge=1, description="delta transport: write a full version every this many "
                                     "versions (the rest are deltas against the last full one).")
+    weights_async_publish: bool = Field(True, description="Write each version (and announce it) on a background "
+                                        "thread while the next step runs; the step waits only for a host snapshot "
+                                        "in the served dtype. false: the step waits for the whole write.")
     weights_transfer_port: int = Field(0, ge=0, le=65535, description="nccl transport: the port transfer groups "
                                        "meet at on the learner (rank 0, at pod_ip); 0 picks a free one per round.")
     loss_chunk_tokens: int = Field(1024, ge=1, description="Completion positions per log-softmax chunk.")

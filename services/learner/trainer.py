@@ -25,8 +25,10 @@ import torch.distributed as dist
 from asyncopd.ml import weights
 from asyncopd.ml.dtypes import DTYPES
 from asyncopd.ml.weights import metrics as weights_metrics
+from asyncopd.ml.weights.background import Announce, BackgroundPublisher
 from asyncopd.state import ActiveJob
 from asyncopd.streams import ScoredEntry
+from services.learner import metrics as learner_metrics
 from services.learner.collate import token_batch
 from services.learner.objectives import Objective, TokenBatch, build_objective, merge_metrics
 from services.learner.settings import LearnerSettings
@@ -103,10 +105,12 @@ class Trainer:
         self.out = Path(job.output_dir)
         self.ckpt_dir = self.out / "checkpoints"
         self.weights_root = settings.data_dir / "weights" / job.id
-        # Rank 0 alone writes versions (the others only join the gather); a delta publisher also answers
-        # repair requests from followers until `close`.
-        self.publisher = weights.learner_publisher(settings, self.weights_root, job.id, adapter=self.lora is not None) \
-            if self.rank == 0 else None
+        # Rank 0 alone writes versions (the others only join the gather), on a background thread unless
+        # weights_async_publish is off; a delta publisher also answers repair requests until `close`.
+        self.writer = BackgroundPublisher(
+            weights.learner_publisher(settings, self.weights_root, job.id, adapter=self.lora is not None),
+            background=settings.weights_async_publish, on_written=self._written,
+        ) if self.rank == 0 else None
         self.version = 0
         if (self.ckpt_dir / "latest").exists():
             # A LoRA checkpoint holds the adapter alone; the frozen base comes from the job's student.
@@ -210,20 +214,27 @@ class Trainer:
 
         return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
-    def publish(self) -> str:
-        """Write the current weights as version `self.version` through the configured weights transport.
-        Collective (the ZeRO-3 gather); returns the location on rank 0, which alone writes."""
+    def publish(self, announce: Announce | None = None) -> None:
+        """Publish the current weights as version `self.version` through the configured weights transport;
+        `announce(version, location)` once it is written (rank 0). Collective (the ZeRO-3 gather); rank 0
+        returns once its snapshot is taken, the write and the announcement follow in the background
+        (`asyncopd.ml.weights.background`)."""
         state = self._full_state_dict()
-        if self.publisher is None:
-            return str(weights.version_dir(self.weights_root, self.version))
-        location = self.publisher.publish(self.version, state, self.config_json)
-        weights_metrics.PUBLISHED_BYTES.inc(self.publisher.last_bytes())
-        self.publisher.prune(self.version - self.spec.max_staleness - self.settings.keep_versions)
-        return location
+        if self.writer is not None:
+            self.writer.submit(self.version, state, self.config_json, announce or (lambda version, location: None))
+
+    def published(self) -> str | None:
+        """Rank 0: wait for the version being written; the location of the newest version written."""
+        return self.writer.flush() if self.writer is not None else None
+
+    def _written(self, publisher, version: int, seconds: float) -> None:
+        learner_metrics.PUBLISH_SECONDS.observe(seconds)
+        weights_metrics.PUBLISHED_BYTES.inc(publisher.last_bytes())
+        publisher.prune(version - self.spec.max_staleness - self.settings.keep_versions)
 
     def close(self) -> None:
-        if self.publisher is not None:
-            self.publisher.close()
+        if self.writer is not None:
+            self.writer.close()
 
     def checkpoint(self) -> None:
         self.engine.save_checkpoint(str(self.ckpt_dir), tag=f"v{self.version}", client_state={"version": self.version},
@@ -234,6 +245,7 @@ class Trainer:
         LoRA the adapter in PEFT format (adapter_config.json names the base it applies to), and on request the
         adapter merged into the base as a plain HF model beside it."""
         target = self.out / "student"
+        self.published()  # the last version announced before the job can be seen to end
         state = self._full_state_dict()
         if self.rank == 0:
             if self.lora is None:

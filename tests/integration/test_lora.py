@@ -71,7 +71,8 @@ def test_a_lora_step_trains_the_adapter_alone_and_publishes_it_alone(distributed
     follower = setup_follower(ADAPTER)
     for i in range(2):
         trainer.step(entries(259, 4, seed=i))
-        location = trainer.publish()
+        trainer.publish()
+        location = trainer.published()
         after = all_params(trainer)
         changed = {n for n in after if not torch.equal(after[n], before[n])}
         assert changed and all(".lora_" in n for n in changed), changed  # the base never moves
@@ -192,7 +193,8 @@ def test_vllm_serves_each_adapter_version_like_the_merged_model(distributed, tin
     locations = []
     for i in range(2):
         trainer.step(entries(259, 4, seed=i))
-        locations.append(trainer.publish())
+        trainer.publish()
+        locations.append(trainer.published())
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         got = pool.submit(_vllm_adapter_logprobs, str(tiny_models["student"]), locations).result()
     for location, version in zip(locations, got, strict=True):

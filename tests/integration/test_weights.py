@@ -98,13 +98,14 @@ def test_the_learners_versions_reach_an_engine_bit_exact(distributed, tiny_model
     kinds = []
     for i in range(4):
         trainer.step(entries(trainer.model.config.vocab_size, 4, seed=i))
-        location = trainer.publish()
+        trainer.publish()
+        location = trainer.published()
         kinds.append(kind(location))
         follower.load(location, trainer.version, engine)
         assert engine.version == trainer.version
         assert_engine_holds(engine, trainer.model.state_dict(), DTYPES[dtype])
     assert kinds == (["full", "delta", "delta", "full"] if transport == "delta" else ["full"] * 4)
-    trainer.publisher.close()
+    trainer.close()
 
 
 # -- delta: missed versions, late joiners, pruning ---------------------------------------------------------------

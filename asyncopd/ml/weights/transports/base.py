@@ -15,10 +15,15 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 class WeightPublisher(ABC):
     name: str
+    dtype: torch.dtype  # what a version holds: the served dtype of every floating tensor
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
