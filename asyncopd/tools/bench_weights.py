@@ -131,15 +131,18 @@ def _numel(shape: list[int]) -> int:
     return n
 
 
-def train_and_publish(size: str, model_dir: Path, lrs: list[float], steps: int, work: Path, server) -> list[dict]:
+def train_and_publish(size: str, model_dir: Path, lrs: list[float], steps: int, work: Path,
+                      server) -> tuple[list[dict], list[dict]]:
     """Per-version rows of one size (every variant, every learning rate), each with the version's location:
-    every version stays on disk for `follow_all`. `server`: the `nccl` variant's transfer server."""
+    every version stays on disk for `follow_all`. `server`: the `nccl` variant's transfer server. And the
+    `async_overlap` rows at the smallest learning rate."""
     import gc
 
+    from asyncopd.ml.weights.codec import served
     from asyncopd.ml.weights.manifest import Manifest
     from asyncopd.ml.weights.transports import setup_publisher
 
-    rows = []
+    rows, overlap = [], []
     for lr in lrs:
         run = TrainingRun(model_dir, lr)
         params = sum(p.numel() for p in run.model.parameters())
@@ -151,16 +154,56 @@ def train_and_publish(size: str, model_dir: Path, lrs: list[float], steps: int, 
             state = run.model.state_dict()
             for (transport, dtype), publisher in publishers.items():
                 t0 = time.perf_counter()
+                served(state, publisher.dtype, copy=True)  # what a step waits for with weights_async_publish
+                snapshot_s = time.perf_counter() - t0
+                t0 = time.perf_counter()
                 location = publisher.publish(version, state, run.config_json)
                 publish_s = time.perf_counter() - t0
                 blocks_written, blocks_full = block_bytes(location)
                 rows.append({"size": size, "params": params, "lr": lr, "transport": transport, "dtype": dtype,
                              "version": version, "kind": Manifest.read(Path(location)).kind,
                              "step_s": round(step_s, 4), "publish_s": round(publish_s, 4),
+                             "snapshot_s": round(snapshot_s, 4),
                              "bytes": publisher.last_bytes(), "blocks_bytes": blocks_written,
                              "blocks_full_bytes": blocks_full, "location": location})
+        if lr == min(lrs):
+            overlap += async_overlap(size, params, run, lr, steps, work)
         del run, publishers
         gc.collect()
+    return rows, overlap
+
+
+def async_overlap(size: str, params: int, run: TrainingRun, lr: float, steps: int, work: Path) -> list[dict]:
+    """The learner's wall seconds per step (train + publish) for `steps` steps, with no publishing, with each
+    version written before the next step (weights_async_publish off), and written on the background thread
+    while the next step trains (on; the last write is waited for, so all the work is inside the time). On this
+    machine the writer shares the two cores with training, so this is what overlapping costs, not just what
+    it hides."""
+    from asyncopd.ml.weights.background import BackgroundPublisher
+    from asyncopd.ml.weights.transports import setup_publisher
+
+    def per_step(transport: str | None, background: bool) -> float:
+        writer = None if transport is None else BackgroundPublisher(
+            setup_publisher(transport, work / f"overlap-{size}-{transport}-{background}", dtype="bfloat16",
+                            full_every=FULL_EVERY), background=background)
+        t0 = time.perf_counter()
+        for version in range(1, steps + 1):
+            run.step()
+            if writer is not None:
+                writer.submit(version, run.model.state_dict(), run.config_json, lambda version, location: None)
+        if writer is not None:
+            writer.close()
+        return (time.perf_counter() - t0) / steps
+
+    alone = per_step(None, False)
+    rows = []
+    for transport in ("filesystem", "delta"):
+        sync, background = per_step(transport, False), per_step(transport, True)
+        rows.append({"size": size, "params_m": round(params / 1e6, 2), "lr": lr, "transport": transport,
+                     "dtype": "bfloat16", "steps": steps, "step_alone_s": round(alone, 4),
+                     "step_sync_publish_s": round(sync, 4), "step_async_publish_s": round(background, 4),
+                     "sync_overhead_pct": round(100 * (sync / alone - 1), 1),
+                     "async_overhead_pct": round(100 * (background / alone - 1), 1)})
     return rows
 
 
@@ -224,12 +267,14 @@ def aggregate(rows: list[dict]) -> list[dict]:
                "blocks_delta_vs_full": round(sum(r["blocks_bytes"] for r in deltas)
                                              / sum(r["blocks_full_bytes"] for r in deltas), 3) if deltas else None,
                "publish_s": round(statistics.median(r["publish_s"] for r in group), 4),
+               "snapshot_s": round(statistics.median(r["snapshot_s"] for r in group), 4),
                "step_s": round(statistics.median(r["step_s"] for r in group), 3)}
         for col in ("reload_hf_s", "reload_vllm_s", "reload_vllm_path_s"):
             values = [r[col] for r in group if col in r]
             agg[col] = round(statistics.median(values), 4) if values else None
         reload = agg["reload_vllm_s"] if agg["reload_vllm_s"] is not None else agg["reload_hf_s"]
         agg["publish_reload_pct_of_step"] = round(100 * (agg["publish_s"] + (reload or 0)) / agg["step_s"], 1)
+        agg["async_pct_of_step"] = round(100 * (agg["snapshot_s"] + (reload or 0)) / agg["step_s"], 1)
         out.append(agg)
     return out
 
@@ -353,10 +398,12 @@ def findings(agg: list[dict], rows: list[dict]) -> list[str]:
     return out
 
 
-def write_report(out: Path, command: str, rows: list[dict], agg: list[dict], steps: int) -> None:
+def write_report(out: Path, command: str, rows: list[dict], agg: list[dict], overlap: list[dict],
+                 steps: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "weights-runs.csv", rows)
     write_csv(out / "weights.csv", agg)
+    write_csv(out / "weights-async.csv", overlap)
     rates = per_gb(agg)
     extra = extrapolate(rates)
     plot(agg, out / "weights.png")
@@ -382,6 +429,15 @@ def write_report(out: Path, command: str, rows: list[dict], agg: list[dict], ste
         "tensors written to a worker-local directory and reloaded by path instead.",
         "- `publish_reload_pct_of_step`: (publish + vLLM reload, HF where vLLM was not run) / this run's training "
         "step. Files come back from the page cache: a shared network volume adds bytes / bandwidth (below).", "",
+        "- `snapshot_s`: the owned host copy in the served dtype, all a step waits for with "
+        "`weights_async_publish` (the default); `async_pct_of_step`: (snapshot + reload) / step.", "",
+        "## Writing versions in the background (`weights_async_publish`)", "",
+        f"The learner's wall seconds per step, train + publish, over {steps} more steps of the same run at the "
+        "smallest learning rate: without publishing, with every version written before the next step "
+        "(`weights_async_publish: false`), and written by the background thread while the next step trains (the "
+        "default; the last write waited for, so all the work is inside the time). The writer shares this "
+        "machine's two cores with training; on a GPU learner the step runs on the GPU and the write on the host.",
+        "", *md_table(overlap), "",
         "## Per GB of a bf16 model (largest size measured)", "", *md_table(rates), "",
         "## Extrapolated", "",
         f"Linear in model size from the per-GB rates above at lr {min(a['lr'] for a in agg):g} (CPU seconds of "
@@ -420,7 +476,10 @@ def suite_weights(out: Path, sizes: list[str], steps: int, lrs: list[float], eng
     with scratch_redis() as (r, _):
         server = TransferServer(r, TRANSFER_JOB, device="cpu", host="127.0.0.1", port=0, timeout_s=120)
         # Every training run before any vLLM engine: DeepSpeed's initialize fails once vLLM has set up its groups.
-        by_size = {size: train_and_publish(size, models[size], lrs, steps, work, server) for size in sizes}
+        by_size, overlap = {}, []
+        for size in sizes:
+            by_size[size], size_overlap = train_and_publish(size, models[size], lrs, steps, work, server)
+            overlap += size_overlap
         for size in sizes:
             engines = build_engines(models[size], engine_kinds)
             try:
@@ -437,5 +496,5 @@ def suite_weights(out: Path, sizes: list[str], steps: int, lrs: list[float], eng
         server.close()
     shutil.rmtree(work, ignore_errors=True)
     agg = aggregate(rows)
-    write_report(out, command, rows, agg, steps)
+    write_report(out, command, rows, agg, overlap, steps)
     return agg

@@ -29,7 +29,8 @@ def test_weights_bench_smoke_writes_its_report(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "asyncopd.tools.cli", "bench", "--suite", "weights", "--smoke",
                            "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert {"weights.md", "weights.csv", "weights-runs.csv", "weights.png"} <= {p.name for p in out.iterdir()}
+    assert {"weights.md", "weights.csv", "weights-runs.csv", "weights-async.csv", "weights.png"} <= {
+        p.name for p in out.iterdir()}
     rows = {(r["transport"], r["dtype"]): r for r in csv.DictReader(open(out / "weights.csv"))}
     assert set(rows) == {("filesystem", "float32"), ("filesystem", "bfloat16"), ("delta", "bfloat16"),
                          ("nccl", "bfloat16")}
@@ -37,3 +38,7 @@ def test_weights_bench_smoke_writes_its_report(tmp_path):
     assert float(rows["filesystem", "float32"]["reload_hf_s"]) > 0
     assert float(rows["nccl", "bfloat16"]["reload_vllm_s"]) > 0 and not rows["nccl", "bfloat16"]["reload_hf_s"]
     assert "## Extrapolated" in (out / "weights.md").read_text()
+    overlap = list(csv.DictReader(open(out / "weights-async.csv")))
+    assert {r["transport"] for r in overlap} == {"filesystem", "delta"}
+    assert all(float(r["step_async_publish_s"]) > 0 and float(r["step_sync_publish_s"]) > 0 for r in overlap)
+    assert float(rows["filesystem", "bfloat16"]["snapshot_s"]) > 0
