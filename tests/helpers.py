@@ -115,3 +115,40 @@ def wait_until_ready(url: str, proc, log: Path, timeout_s: float = 60) -> None:
             pass
         assert time.monotonic() < deadline, f"coordinator not ready in {timeout_s:.0f} s"
         time.sleep(0.1)
+
+
+def transport_stack(run_dir: Path, engine: str, env: dict[str, str]):
+    """A local stack (one rollout worker) whose services all run with `env` (a weights transport's settings);
+    a generator for a module-scoped fixture: yields the stack's info, tears it down after."""
+    from asyncopd.ports import free_port
+    from asyncopd.tools import localstack
+
+    info = localstack.up(run_dir, http_port=free_port(), engine=engine, rollouts=1,
+                         extra_env={"ASYNCOPD_RECLAIM_IDLE_MS": "5000", **env})
+    info["engine"] = engine
+    try:
+        yield info
+    finally:
+        localstack.down(run_dir)
+
+
+def learner_restarted_mid_job(stack: dict, models: dict, max_staleness: int, total_steps: int) -> tuple[dict, list]:
+    """A job whose learner is SIGKILLed after step 7 and restarted: the finished job and its step records, with
+    the accounting checked, every step recorded once, and the restarted learner on lineage 2."""
+    import redis
+
+    from asyncopd.tools import localstack
+
+    api = stack["api_url"]
+    r = redis.Redis.from_url(stack["redis_url"], decode_responses=True)
+    job = submit(api, tiny_job(models, max_staleness=max_staleness,
+                               train={"steps": total_steps, "checkpoint_every": 5}))
+    killed_at = kill_learner_when(api, r, job["id"], lambda step, _: step >= 7)
+    assert killed_at < total_steps, "the job finished before the learner could be killed"
+    localstack.restart(Path(stack["run_dir"]), "learner", stack["engine"])
+    done = wait_job(api, job["id"])
+    records = steps(api, job["id"])
+    check_accounting(done, records, max_staleness)
+    assert [s["step"] for s in records] == list(range(1, total_steps + 1))
+    assert int(r.get(state.lineage_key(job["id"]))) == 2
+    return done, records

@@ -14,8 +14,8 @@ phase, so a run cut short leaves what it had measured.
   random-initialised on the device in the profile's dtype.
 - weights: the `filesystem` and `delta` transports on device tensors, in this process: AdamW steps of the pair's
   student (float32 master weights on the device) on random tokens, each version published in the served dtype
-  and followed into an HF engine on the device; publish and reload seconds, bytes, and a bit-exact comparison of
-  the engine's weights with the trained ones.
+  and followed into an HF engine on the device; publish, snapshot (the device-to-host copy an async publish
+  waits for) and reload seconds, bytes, and a bit-exact comparison of the engine's weights with the trained ones.
 - stack: Redis and the four services (`asyncopd.tools.localstack`), the HF engine on the device for rollout and
   teacher (the GPU machine has no vLLM), the learner's DeepSpeed on NCCL (gloo on cpu), the profile's dtype for
   engines, training and published versions.
@@ -347,6 +347,7 @@ def phase_weights(ctx: Context, deadline: float) -> str:
 
     from asyncopd.ml.dtypes import DTYPES
     from asyncopd.ml.engines.hf_engine import HFEngine
+    from asyncopd.ml.weights.codec import served
     from asyncopd.ml.weights.manifest import Manifest
     from asyncopd.ml.weights.transports import FILE_TRANSPORTS, setup_follower, setup_publisher
 
@@ -384,6 +385,9 @@ def phase_weights(ctx: Context, deadline: float) -> str:
         sync()
         step_s = time.perf_counter() - t0
         state = model.state_dict()
+        t0 = time.perf_counter()
+        served(state, DTYPES[dtype], copy=True)  # all a learner step waits for with weights_async_publish
+        snapshot_s = time.perf_counter() - t0
         for transport in FILE_TRANSPORTS:
             t0 = time.perf_counter()
             location = publishers[transport].publish(version, state, config_json)
@@ -401,7 +405,8 @@ def phase_weights(ctx: Context, deadline: float) -> str:
                 "dtype": dtype, "device": ctx.device,
                 "params_m": round(sum(t.numel() for t in state.values()) / 1e6, 1),
                 "bytes_mb": round(publishers[transport].last_bytes() / 1e6, 2), "train_step_s": round(step_s, 4),
-                "publish_s": round(publish_s, 4), "reload_s": round(reload_s, 4), "bit_exact": not wrong})
+                "publish_s": round(publish_s, 4), "snapshot_s": round(snapshot_s, 4), "reload_s": round(reload_s, 4),
+                "bit_exact": not wrong})
             log(f"weights {transport} v{version}: publish {publish_s:.3f} s, reload {reload_s:.3f} s, "
                 f"{publishers[transport].last_bytes() / 1e6:.1f} MB")
     if cuda:

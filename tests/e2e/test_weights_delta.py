@@ -8,28 +8,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import redis
 
-from asyncopd import state
 from asyncopd.client import Client
 from asyncopd.ml.weights.manifest import Manifest
-from asyncopd.ports import free_port
-from asyncopd.tools import localstack
 from tests import helpers as pipeline
-from tests.helpers import ROOT, steps, submit, tiny_job, wait_job
+from tests.helpers import ROOT, learner_restarted_mid_job, steps, submit, tiny_job, transport_stack, wait_job
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, tiny_models):
-    run_dir = tmp_path_factory.mktemp("stack-delta")
-    info = localstack.up(run_dir, http_port=free_port(), engine="hf", rollouts=1,
-                         extra_env={"ASYNCOPD_RECLAIM_IDLE_MS": "5000", "ASYNCOPD_WEIGHTS_TRANSPORT": "delta",
-                                    "ASYNCOPD_WEIGHTS_FULL_EVERY": "3", "ASYNCOPD_WEIGHTS_DTYPE": "float32"})
-    info["engine"] = "hf"
-    yield info
-    localstack.down(run_dir)
+    yield from transport_stack(tmp_path_factory.mktemp("stack-delta"), "hf", {
+        "ASYNCOPD_WEIGHTS_TRANSPORT": "delta", "ASYNCOPD_WEIGHTS_FULL_EVERY": "3", "ASYNCOPD_WEIGHTS_DTYPE": "float32"})
 
 
 def test_a_strictly_synchronous_job_runs_on_delta_versions(stack, tiny_models):
@@ -54,14 +45,4 @@ def test_a_strictly_synchronous_job_runs_on_delta_versions(stack, tiny_models):
 def test_learner_killed_mid_job_resumes_on_delta_versions(stack, tiny_models):
     """The restarted learner's publisher starts afresh: a full version at its checkpoint, under version numbers
     the discarded lineage had used; rollouts holding the old lineage's base follow it back."""
-    api = stack["api_url"]
-    r = redis.Redis.from_url(stack["redis_url"], decode_responses=True)
-    job = submit(api, tiny_job(tiny_models, max_staleness=2, train={"steps": 30, "checkpoint_every": 5}))
-    killed_at = pipeline.kill_learner_when(api, r, job["id"], lambda step, _: step >= 7)
-    assert killed_at < 30, "the job finished before the learner could be killed"
-    localstack.restart(Path(stack["run_dir"]), "learner", stack["engine"])
-    done = wait_job(api, job["id"])
-    records = steps(api, job["id"])
-    pipeline.check_accounting(done, records, 2)
-    assert [s["step"] for s in records] == list(range(1, 31))
-    assert int(r.get(state.lineage_key(job["id"]))) == 2
+    learner_restarted_mid_job(stack, tiny_models, max_staleness=2, total_steps=30)

@@ -9,26 +9,17 @@ import re
 from pathlib import Path
 
 import pytest
-import redis
 
-from asyncopd import state
-from asyncopd.ports import free_port
-from asyncopd.tools import localstack
 from tests import helpers as pipeline
-from tests.helpers import steps, submit, tiny_job, wait_job
+from tests.helpers import learner_restarted_mid_job, steps, submit, tiny_job, transport_stack, wait_job
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, tiny_models):
-    run_dir = tmp_path_factory.mktemp("stack-nccl")
-    info = localstack.up(run_dir, http_port=free_port(), engine="vllm", rollouts=1,
-                         extra_env={"ASYNCOPD_RECLAIM_IDLE_MS": "5000", "ASYNCOPD_WEIGHTS_TRANSPORT": "nccl",
-                                    "ASYNCOPD_WEIGHTS_FALLBACK": "delta", "ASYNCOPD_WEIGHTS_FULL_EVERY": "3"})
-    info["engine"] = "vllm"
-    yield info
-    localstack.down(run_dir)
+    yield from transport_stack(tmp_path_factory.mktemp("stack-nccl"), "vllm", {
+        "ASYNCOPD_WEIGHTS_TRANSPORT": "nccl", "ASYNCOPD_WEIGHTS_FALLBACK": "delta", "ASYNCOPD_WEIGHTS_FULL_EVERY": "3"})
 
 
 def logs(stack, service: str) -> str:
@@ -47,19 +38,9 @@ def test_a_strictly_synchronous_job_receives_every_version_by_transfer(stack, ti
 
 
 def test_a_restarted_learner_serves_the_new_lineage_by_transfer(stack, tiny_models):
-    api = stack["api_url"]
-    r = redis.Redis.from_url(stack["redis_url"], decode_responses=True)
     # η = 0: every version is asked for before the next can be published (at η = 1 and ~70 ms steps the learner
     # can run two versions ahead of a request, which then loads from the fallback, as it should).
-    job = submit(api, tiny_job(tiny_models, max_staleness=0, train={"steps": 24, "checkpoint_every": 5}))
-    killed_at = pipeline.kill_learner_when(api, r, job["id"], lambda step, _: step >= 7)
-    assert killed_at < 24, "the job finished before the learner could be killed"
-    localstack.restart(Path(stack["run_dir"]), "learner", stack["engine"])
-    done = wait_job(api, job["id"])
-    records = steps(api, job["id"])
-    pipeline.check_accounting(done, records, 0)
-    assert [s["step"] for s in records] == list(range(1, 25))
-    assert int(r.get(state.lineage_key(job["id"]))) == 2
+    learner_restarted_mid_job(stack, tiny_models, max_staleness=0, total_steps=24)
     learner = Path(stack["run_dir"]) / "logs" / "learner.log"
     after_restart = learner.read_text().rsplit("lineage 2", 1)[-1]
     assert re.search(r"weights: v\d+ sent to 1 follower", after_restart), after_restart[-3000:]
