@@ -35,6 +35,7 @@ OBJECTIVES = {
     "reverse_kl_recompute": {"kind": "reverse_kl_recompute"},
     "reverse_kl_mc": {"kind": "reverse_kl_mc", "samples": 4},
     "reverse_kl_recompute_no_is": {"kind": "reverse_kl_recompute", "correction": "none"},
+    "reverse_kl_recompute_baseline": {"kind": "reverse_kl_recompute", "baseline": "topk"},
     "reverse_kl_mc_rollout_advantage": {"kind": "reverse_kl_mc", "samples": 4, "advantage": "rollout"},
     "skewed_kl_topk": {"kind": "skewed_kl_topk", "alpha": 0.5, "token_clip": 0.05},
     "token_level_kl": {"kind": "token_level_kl"},
@@ -150,7 +151,8 @@ def test_objective_trains_through_the_pipeline_and_lowers_the_kl(stack, jobs, he
         metrics = s["objective"]
         diagnostics = {"student_entropy"} if OBJECTIVES[name].get("support") == "student" else DIAGNOSTICS
         unclipped = {"clipped_frac"} if OBJECTIVES[name].get("correction") == "none" else set()  # no ratio
-        assert (EXPECTED_METRICS[kind] - unclipped) | diagnostics <= metrics.keys(), (kind, sorted(metrics))
+        based = {"baseline_mean"} if OBJECTIVES[name].get("baseline") == "topk" else set()
+        assert (EXPECTED_METRICS[kind] - unclipped) | diagnostics | based <= metrics.keys(), (kind, sorted(metrics))
         assert all(isinstance(v, float) and math.isfinite(v) for v in metrics.values()), metrics
     after = heldout.kl_of(job["result_dir"])
     print(f"{name}: exact held-out KL {heldout.before:.4f} -> {after:.4f}")
