@@ -1,11 +1,11 @@
 """Writing weight versions off the learner's critical path.
 
-A version's write (cast, encode, checksum, write and rename on the shared volume) and its
-announcement on the head take the learner ~0.14 s per step at 125M bf16 here and ~2 s/GB of a bf16 model
-(docs/results/weights.md): 16 s per step for an 8B student, every step, while the GPUs wait. The learner only
-needs its own copy of the weights to be frozen before the optimizer moves them again; everything after that
-can overlap the next step. So the learner takes an owned snapshot in the served dtype (the one part it waits
-for: a device-to-host copy), and one background thread writes it through the transport and announces it.
+A version's write (cast, encode, checksum, write and rename on the shared volume) costs 0.5-2 s of CPU per GB
+of a bf16 model here (docs/results/weights.md), 8-30 s per step for an 8B student, every step, while the
+GPUs would wait. The learner only needs its own copy of the weights to be frozen before the optimizer moves
+them again; everything after that can overlap the next step. So the learner takes an owned snapshot in the
+served dtype (the one part it waits for: a device-to-host copy, 0.03 s at 125M here), and one background
+thread writes it through the transport and announces it.
 
 Order and memory stay bounded: versions are written and announced strictly in order, and at most one is in
 flight; a second `submit` first waits for the first (a volume slower than the step slows the learner, it
