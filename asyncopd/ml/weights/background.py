@@ -35,7 +35,6 @@ class BackgroundPublisher:
     def __init__(self, publisher: WeightPublisher, *, background: bool = True,
                  on_written: Callable[[WeightPublisher, int, float], None] | None = None) -> None:
         self.publisher = publisher
-        self.background = background
         self.on_written = on_written
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="weights-publish") if background else None
         self._pending: Future | None = None
