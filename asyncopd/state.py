@@ -128,6 +128,21 @@ def policy_head(r: redis.Redis, job_id: str) -> tuple[int, int, str | None]:
     return int(lineage or 0), int(version or 0), path
 
 
+_APPEND_ONCE = """
+if redis.call('LINDEX', KEYS[1], -1) ~= ARGV[1] then redis.call('RPUSH', KEYS[1], ARGV[1]) end
+if #ARGV > 1 then redis.call('HSET', KEYS[2], unpack(ARGV, 2)) end
+"""
+
+
+def append_record(r: redis.Redis, key: str, text: str, hash_key: str = "", mapping: dict | None = None) -> None:
+    """Append a record to a list (and set `mapping` on `hash_key` in the same atomic step) once: a command
+    retried after Redis applied it but lost the reply (it stopped mid-reply) must not append it twice. Records
+    carry their time, so two real records are never equal. EVAL, not EVALSHA: the retry after a Redis restart
+    meets an empty script cache."""
+    pairs = [str(x) for kv in (mapping or {}).items() for x in kv]
+    r.eval(_APPEND_ONCE, 2, key, hash_key, text, *pairs)
+
+
 def add_event(r, event: JobEvent) -> None:
     """Report a job event (`records.JobEvent`); the coordinator acts on `failed` and `completed`. `r` may be a
     pipeline, so the event lands in the transaction that made it true."""

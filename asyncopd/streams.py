@@ -34,6 +34,17 @@ DEAD_LETTER = "asyncopd:dead-letter"
 DATA_STREAMS = (PROMPTS, ROLLOUTS, SCORED)
 DEAD_LETTER_MAXLEN = 100_000
 
+# Move one pending entry to the dead-letter stream (capped: a poison flood must not grow Redis without bound;
+# the counter keeps the total) and charge its samples to its batch, at most once: a command retried after
+# Redis applied it but lost the reply (it stopped mid-reply) finds the entry acked and changes nothing.
+_DEAD_LETTER_ONCE = """
+if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 1 then
+  if ARGV[4] ~= '' then redis.call('HINCRBY', KEYS[3], ARGV[4], ARGV[5]) end
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, 6))
+end
+redis.call('XDEL', KEYS[1], ARGV[2])
+"""
+
 DEAD_LETTERS = Counter("asyncopd_dead_letter_entries_total", "Entries moved to the dead-letter stream.", ["stream"])
 for _stream in DATA_STREAMS:  # at zero from start-up: increase()/rate() need the series before the first one
     DEAD_LETTERS.labels(_stream)
@@ -301,15 +312,12 @@ class StreamConsumer:
 
     def dead_letter(self, msg: Message, reason: str, entry: Entry | None = None) -> None:
         log.warning("dead-lettering %s %s: %s", self.stream, msg.id, reason)
-        pipe = self.r.pipeline()
-        # Capped: a poison flood must not grow Redis without bound (the counter keeps the total).
-        pipe.xadd(DEAD_LETTER, {"stream": self.stream, "id": msg.id, "reason": reason[:500], **msg.fields},
-                  maxlen=DEAD_LETTER_MAXLEN, approximate=True)
-        if entry is not None:
-            pipe.hincrby(lost_key(entry.job_id), str(entry.batch), entry.lost_samples())
-        pipe.xack(self.stream, self.group, msg.id)
-        pipe.xdel(self.stream, msg.id)
-        pipe.execute()
+        fields = {"stream": self.stream, "id": msg.id, "reason": reason[:500], **msg.fields}
+        batch, lost = (str(entry.batch), entry.lost_samples()) if entry is not None else ("", 0)
+        # EVAL, not EVALSHA: the retry after a Redis restart meets an empty script cache.
+        self.r.eval(_DEAD_LETTER_ONCE, 3, self.stream, DEAD_LETTER, lost_key(entry.job_id) if entry else "",
+                    self.group, msg.id, DEAD_LETTER_MAXLEN, batch, lost,
+                    *(x for kv in fields.items() for x in kv))
         DEAD_LETTERS.labels(self.stream).inc()
 
     def _own_pending(self, count: int) -> list[Message]:

@@ -1,5 +1,6 @@
-"""Where a step's record goes: the job's Redis list and progress hash (one transaction, so progress always
-agrees with the records), `steps.jsonl` in the job's output, the Prometheus series and the heartbeat."""
+"""Where a step's record goes: the job's Redis list and progress hash (one atomic step, so progress always
+agrees with the records, and once, even when Redis restarts mid-reply), `steps.jsonl` in the job's output,
+the Prometheus series and the heartbeat."""
 
 from __future__ import annotations
 
@@ -54,10 +55,8 @@ class Recorder:
         self.progress = self.progress.add(record)
         text = record.dumps()
         with phases.timed(phases.REDIS):
-            pipe = self.r.pipeline(transaction=True)
-            pipe.rpush(state.steps_key(self.job.id), text)
-            pipe.hset(state.progress_key(self.job.id), mapping=self.progress.to_hash())
-            pipe.execute()
+            state.append_record(self.r, state.steps_key(self.job.id), text, state.progress_key(self.job.id),
+                                self.progress.to_hash())
             self.file.write(text + "\n")
             self.file.flush()
         metrics.TRAINED.inc(record.samples)
@@ -73,7 +72,7 @@ class Recorder:
         self.rt.info.processed += record.samples
 
     def evaluation(self, record: EvalRecord) -> None:
-        self.r.rpush(state.evals_key(self.job.id), record.dumps())
+        state.append_record(self.r, state.evals_key(self.job.id), record.dumps())
         for name in ("accuracy", "kl_to_teacher"):
             value = getattr(record, name)
             if value is not None:

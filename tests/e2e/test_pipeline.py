@@ -19,8 +19,9 @@ import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from asyncopd import state, streams
-from asyncopd.client import Client
+from asyncopd.client import ApiError, Client
 from asyncopd.ports import free_port
+from asyncopd.records import TERMINAL_STATES
 from asyncopd.tools import localstack
 from tests.helpers import check_accounting, kill_learner_when, submit, tiny_job, wait_job
 from tests.helpers import steps as job_steps
@@ -36,6 +37,29 @@ def stack(request, tmp_path_factory, tiny_models):
     info["engine"] = request.param
     yield info
     localstack.down(run_dir)
+
+
+@pytest.fixture(autouse=True)
+def recovered(stack):
+    """A test that fails half-way (a service it killed not yet restarted, its job still running) must not fail
+    the tests after it on the same stack: restart what is down, then cancel what is left."""
+    yield
+    run_dir = Path(stack["run_dir"])
+    for name, pid in sorted(localstack.load(run_dir)["pids"].items(), key=lambda kv: kv[0] != "redis"):
+        if not localstack.pid_alive(pid):
+            localstack.restart(run_dir, name, stack["engine"])
+    with Client(stack["api_url"]) as c:
+        for _ in range(100):  # a coordinator (or Redis) just restarted answers once it is up
+            try:
+                jobs = c.jobs()
+                break
+            except (httpx.HTTPError, ApiError):
+                time.sleep(0.3)
+        else:
+            raise AssertionError("the stack did not come back after the test")
+        for job in jobs:
+            if job.state not in TERMINAL_STATES:
+                c.cancel(job.id)
 
 
 @pytest.mark.parametrize("eta", [0, 2])
@@ -158,10 +182,12 @@ def test_learner_killed_three_times_including_mid_replay_loses_nothing(stack, ti
     budget, and the samples the discarded versions made are kept (within the budget), not dropped."""
     api = stack["api_url"]
     r = redis.Redis.from_url(stack["redis_url"], decode_responses=True)
-    job = submit(api, tiny_job(tiny_models, max_staleness=2, train={"steps": 40, "checkpoint_every": 10}))
+    # The first checkpoint is 12 steps past the first kill's point: on a loaded 2-core CI machine the check
+    # loop was once descheduled long enough for the learner to run 3 steps between two checks.
+    job = submit(api, tiny_job(tiny_models, max_staleness=2, train={"steps": 40, "checkpoint_every": 20}))
     restart = lambda: localstack.restart(Path(stack["run_dir"]), "learner", stack["engine"])  # noqa: E731
     first = kill_learner_when(api, r, job["id"], lambda step, _: step >= 8)
-    assert first < 10, "the first kill must come before the first checkpoint"
+    assert first < 20, "the first kill must come before the first checkpoint"
     restart()
     kill_learner_when(api, r, job["id"], lambda step, lineage: lineage == 2 and 0 < step < first)
     restart()

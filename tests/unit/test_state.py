@@ -41,3 +41,16 @@ def test_live_services_lists_each_instance_once_when_scan_repeats_keys(r):
     scan_iter = r.scan_iter
     r.scan_iter = lambda **kw: (key for key in scan_iter(**kw) for _ in range(2))
     assert [s.instance for s in state.live_services(r, "rollout")] == ["w0", "w1", "w2"]
+
+
+def test_a_record_appended_again_by_a_retry_is_stored_once(r):
+    """A service's client retries a command whose connection broke; if Redis had applied it and stopped before
+    replying (SIGTERM mid-reply, as in the outage e2e test), the retry sends the same record again: it must
+    not become a second step."""
+    state.append_record(r, "steps", '{"step": 1, "time": 1.0}', "progress", {"step": 1})
+    state.append_record(r, "steps", '{"step": 1, "time": 1.0}', "progress", {"step": 1})  # the retry
+    state.append_record(r, "steps", '{"step": 2, "time": 2.0}', "progress", {"step": 2, "trained": 8})
+    assert r.lrange("steps", 0, -1) == ['{"step": 1, "time": 1.0}', '{"step": 2, "time": 2.0}']
+    assert r.hgetall("progress") == {"step": "2", "trained": "8"}
+    state.append_record(r, "evals", "e1")  # no hash
+    assert r.lrange("evals", 0, -1) == ["e1"] and not r.exists("")

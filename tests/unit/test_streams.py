@@ -95,6 +95,22 @@ def test_dead_consumer_entries_are_reclaimed_then_dead_lettered_after_max_delive
     assert streams.stream_stats(r, streams.PROMPTS)["pending"] == 0
 
 
+def test_a_dead_letter_retried_after_redis_applied_it_charges_the_batch_once(r):
+    """The retry of a dead-letter whose reply was lost (Redis stopped mid-reply) re-sends the same command: the
+    entry is already acked, so neither the lost-samples counter nor the dead-letter stream changes again."""
+    r.xadd(streams.PROMPTS, prompt(batch=1).to_fields())
+    c = StreamConsumer(r, streams.PROMPTS, "w1")
+    (msg,) = c.read(10, 100)
+    entry = PromptEntry.from_fields(msg.fields)
+    c.dead_letter(msg, "worker gave up", entry)
+    c.dead_letter(msg, "worker gave up", entry)  # the retry
+    assert r.hgetall(streams.lost_key("j1")) == {"1": "4"}
+    (_, fields), = r.xrange(streams.DEAD_LETTER)
+    assert (fields["stream"], fields["id"], fields["reason"]) == (streams.PROMPTS, msg.id, "worker gave up")
+    assert PromptEntry.from_fields(fields).prompt_id == "b1-p0"  # the entry itself is kept
+    assert r.xlen(streams.PROMPTS) == 0 and streams.stream_stats(r, streams.PROMPTS)["pending"] == 0
+
+
 def test_restarted_consumer_replays_its_own_pending_first_without_counting_a_delivery(r):
     """Reading one's own pending entries again is not a delivery (only `>` reads and reclaims are): a
     consumer that holds entries on purpose (the learner, until a checkpoint) and replays them after a
