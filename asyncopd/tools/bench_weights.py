@@ -10,7 +10,8 @@ reload into an HF engine and a vLLM engine of the version's dtype (a follower th
 rollout worker does; for `delta` on vLLM both ways of handing over the rebuilt tensors: the in-process
 `weights_iterator` and a worker-local directory reloaded by path; for `nccl`, vLLM only, one transfer round
 from a transfer server in this process, coordinated through a scratch redis-server: group formation over
-loopback, broadcast, layerwise reload).
+loopback, broadcast, layerwise reload). And per size and transport, rank 0's peak host memory while versions
+publish (`bench_host_memory`).
 
 Files are read back from the page cache of a local disk: the reload seconds are the CPU's share (decode,
 checksums, copying into the engine), not a network volume's. `bytes_per_version` is what a shared volume
@@ -28,6 +29,9 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+
+from asyncopd.tools.bench_host_memory import VERSIONS as MEMORY_VERSIONS
+from asyncopd.tools.bench_host_memory import host_memory
 
 VARIANTS = [("filesystem", "float32"), ("filesystem", "bfloat16"), ("delta", "bfloat16"), ("nccl", "bfloat16")]
 TRANSFER_JOB = "bench-weights"  # the transfer server's and followers' job id (a scratch Redis of its own)
@@ -399,11 +403,12 @@ def findings(agg: list[dict], rows: list[dict]) -> list[str]:
 
 
 def write_report(out: Path, command: str, rows: list[dict], agg: list[dict], overlap: list[dict],
-                 steps: int) -> None:
+                 memory: list[dict], steps: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "weights-runs.csv", rows)
     write_csv(out / "weights.csv", agg)
     write_csv(out / "weights-async.csv", overlap)
+    write_csv(out / "weights-memory.csv", memory)
     rates = per_gb(agg)
     extra = extrapolate(rates)
     plot(agg, out / "weights.png")
@@ -438,6 +443,14 @@ def write_report(out: Path, command: str, rows: list[dict], agg: list[dict], ove
         "default; the last write waited for, so all the work is inside the time). The writer shares this "
         "machine's two cores with training; on a GPU learner the step runs on the GPU and the write on the host.",
         "", *md_table(overlap), "",
+        "## Rank 0's host memory while publishing", "",
+        f"Peak resident memory above the trained model while {MEMORY_VERSIONS} versions publish through the "
+        "learner's background writer, each size and transport in a fresh process, in copies of the model in the "
+        "served dtype (bf16): what rank 0's node must have beyond the model and optimizer. The snapshot is one "
+        "copy; `delta` also keeps its base and the last version (for repairs) and encodes a window of tensors; "
+        "`nccl` over `delta` adds the transfer server's two newest versions, which share their tensors with the "
+        "delta publisher's. For a 70B student one copy is 140 GB.", "",
+        *md_table(memory), "",
         "## Per GB of a bf16 model (largest size measured)", "", *md_table(rates), "",
         "## Extrapolated", "",
         f"Linear in model size from the per-GB rates above at lr {min(a['lr'] for a in agg):g} (CPU seconds of "
@@ -480,6 +493,8 @@ def suite_weights(out: Path, sizes: list[str], steps: int, lrs: list[float], eng
         for size in sizes:
             by_size[size], size_overlap = train_and_publish(size, models[size], lrs, steps, work, server)
             overlap += size_overlap
+        memory = host_memory({size: models[size] for size in sizes}, work, r.connection_pool.connection_kwargs["port"],
+                             FULL_EVERY)
         for size in sizes:
             engines = build_engines(models[size], engine_kinds)
             try:
@@ -496,5 +511,5 @@ def suite_weights(out: Path, sizes: list[str], steps: int, lrs: list[float], eng
         server.close()
     shutil.rmtree(work, ignore_errors=True)
     agg = aggregate(rows)
-    write_report(out, command, rows, agg, overlap, steps)
+    write_report(out, command, rows, agg, overlap, memory, steps)
     return agg

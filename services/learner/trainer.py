@@ -26,6 +26,7 @@ from asyncopd.ml import weights
 from asyncopd.ml.dtypes import DTYPES
 from asyncopd.ml.weights import metrics as weights_metrics
 from asyncopd.ml.weights.background import Announce, BackgroundPublisher
+from asyncopd.ml.weights.codec import served
 from asyncopd.state import ActiveJob
 from asyncopd.streams import ScoredEntry
 from services.learner import metrics as learner_metrics
@@ -176,33 +177,41 @@ class Trainer:
         self.version += 1
         return StepResult(loss=0.0, behavior_kl=0.0, tokens=0, step_s=0.0, objective={})
 
-    def _full_state_dict(self) -> dict | None:
+    def _full_state_dict(self, dtype: torch.dtype | None = None) -> dict | None:
         """What a version holds, on rank 0 (None elsewhere): the whole student, or with LoRA the adapter's
-        tensors under PEFT's names (under ZeRO-3 only the adapter is gathered). Collective under ZeRO-3."""
+        tensors under PEFT's names (under ZeRO-3 only the adapter is gathered). Collective under ZeRO-3, where
+        the whole student comes as rank 0's own host copy, its floating tensors in `dtype` (as trained if
+        None): `_copies_state`."""
         if self.lora is not None:
             from asyncopd.ml.lora import adapter_state
 
             with self._gathered([p for p in self.model.parameters() if p.requires_grad]):
                 return adapter_state(self.model) if self.rank == 0 else None
-        if self.settings.zero_stage == 3:
-            return self._gathered_by_layer()
+        if self._copies_state:
+            return self._gathered_by_layer(dtype)
         return self.model.state_dict() if self.rank == 0 else None
 
-    def _gathered_by_layer(self) -> dict | None:
+    @property
+    def _copies_state(self) -> bool:
+        return self.settings.zero_stage == 3 and self.lora is None
+
+    def _gathered_by_layer(self, dtype: torch.dtype | None) -> dict | None:
         """ZeRO-3: the full parameters one layer at a time, each copied to host memory on rank 0 before the next
         is gathered, so no rank ever holds more than one layer beyond its partition (gathering the whole model
-        at once would need the whole model on every device). Tied parameters come once, under their first
-        name, as `named_parameters` lists them; persistent buffers (never partitioned) as they are."""
+        at once would need the whole model on every device). Each layer is cast to `dtype` as it is copied:
+        one host copy in the served dtype, not a copy as trained and then a cast. Tied parameters come once,
+        under their first name, as `named_parameters` lists them; persistent buffers (never partitioned) as
+        they are."""
         params = dict(self.model.named_parameters())
         state: dict[str, torch.Tensor] = {}
         for group in layer_groups(list(params)):
             with self._gathered([params[n] for n in group]):
                 if self.rank == 0:
-                    state.update((n, params[n].detach().to("cpu", copy=True)) for n in group)
+                    state.update(served(((n, params[n]) for n in group), dtype, copy=True))
         if self.rank != 0:
             return None
         persistent = set(self.model.state_dict())
-        state.update((n, b.detach().to("cpu", copy=True)) for n, b in self.model.named_buffers() if n in persistent)
+        state.update(served(((n, b) for n, b in self.model.named_buffers() if n in persistent), dtype, copy=True))
         return state
 
     def _gathered(self, params: list):
@@ -219,9 +228,10 @@ class Trainer:
         `announce(version, location)` once it is written (rank 0). Collective (the ZeRO-3 gather); rank 0
         returns once its snapshot is taken, the write and the announcement follow in the background
         (`asyncopd.ml.weights.background`)."""
-        state = self._full_state_dict()
-        if self.writer is not None:
-            self.writer.submit(self.version, state, self.config_json, announce or (lambda version, location: None))
+        state = self._full_state_dict(self.writer.publisher.dtype if self.writer is not None else None)
+        if self.writer is not None:  # ZeRO-3's gathered copy is the snapshot itself: no second copy of the model
+            self.writer.submit(self.version, state, self.config_json, announce or (lambda version, location: None),
+                               owned=self._copies_state)
 
     def published(self) -> str | None:
         """Rank 0: wait for the version being written; the location of the newest version written."""

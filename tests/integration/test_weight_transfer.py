@@ -15,6 +15,8 @@ from concurrent.futures import ProcessPoolExecutor
 import pytest
 import torch
 
+from asyncopd.ml.weights.background import BackgroundPublisher
+from asyncopd.ml.weights.codec import served
 from asyncopd.ml.weights.metrics import TRANSFER_ROUNDS
 from asyncopd.ml.weights.transports import setup_publisher
 from asyncopd.ml.weights.transports.nccl import NO_VERSION, TransferServer
@@ -210,6 +212,28 @@ def test_the_version_before_the_newest_is_still_served_and_an_older_one_loads_fr
     got = rollout.submit(_follow, redis_server, "job-t", first, 1).result()
     assert got["fallbacks"]["superseded"] == before["superseded"] + 1
     assert (got["version"], got["scores"]) == (1, pytest.approx(want_first, abs=1e-5))
+
+
+def test_rank_0_holds_each_version_once_for_the_server_and_the_delta_base(r, tiny_models, tmp_path):
+    """Each copy of a version is the whole model on rank 0's host (140 GB for a 70B student in bf16): the
+    learner's snapshot is the very tensors the transfer server serves and the delta publisher keeps, and an
+    owned snapshot (ZeRO-3's gathered host copy, already in the served dtype) is not copied again."""
+    server = TransferServer(r, "job-c", device="cpu", host="127.0.0.1", port=0, timeout_s=20)
+    publisher = setup_publisher("nccl", tmp_path, dtype="bfloat16", fallback="delta", server=server)
+    writer, versions = BackgroundPublisher(publisher), Versions(tiny_models["student"])
+    live = versions.next()
+    writer.submit(1, live, versions.config, lambda version, location: None)
+    writer.flush()
+    held, base = list(server.held.values())[-1], publisher.inner.base.tensors
+    assert held.keys() == base.keys() and all(t.dtype == torch.bfloat16 for t in held.values())
+    assert all(held[n].data_ptr() == base[n].data_ptr() != live[n].data_ptr() for n in held)
+
+    snapshot = served(versions.next(), torch.bfloat16, copy=True)
+    writer.submit(2, snapshot, versions.config, lambda version, location: None, owned=True)
+    writer.flush()
+    held, kept = list(server.held.values())[-1], publisher.inner.last[1]  # a delta: the base stays version 1
+    assert all(held[n].data_ptr() == kept[n].data_ptr() == snapshot[n].data_ptr() for n in snapshot)
+    writer.close()
 
 
 def test_without_a_transfer_server_the_follower_waits_join_s_then_loads_from_the_fallback(

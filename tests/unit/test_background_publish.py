@@ -22,12 +22,12 @@ class Gated:
         self.gate, self.started = threading.Event(), threading.Event()
         self.fail: Exception | None = None
 
-    def publish(self, version, state, config_json):
+    def publish(self, version, state, config_json, owned=False):
         self.started.set()
         assert self.gate.wait(30)
         if self.fail is not None:
             raise self.fail
-        return self.inner.publish(version, state, config_json)
+        return self.inner.publish(version, state, config_json, owned)
 
     def close(self):
         self.inner.close()

@@ -168,7 +168,8 @@ def test_zero3_publishes_the_whole_model_gathering_one_layer_at_a_time(distribut
     spec = JobSpec.model_validate({"student": {"model": str(tiny_models["student"])},
                                    "teacher": {"model": str(tiny_models["teacher"])},
                                    "prompts": {"path": "unused.jsonl"}, "train": {"learning_rate": 1e-3}})
-    trainer = Trainer(ActiveJob("j", spec, str(tmp_path / "out")), LearnerSettings(data_dir=tmp_path, zero_stage=3))
+    trainer = Trainer(ActiveJob("j", spec, str(tmp_path / "out")),
+                      LearnerSettings(data_dir=tmp_path, zero_stage=3, weights_dtype="bfloat16"))
     trainer.step(entries(trainer.model.config.vocab_size, 4))
     gathers, real = [], trainer._gathered
     trainer._gathered = lambda params: gathers.append(len(params)) or real(params)
@@ -181,3 +182,15 @@ def test_zero3_publishes_the_whole_model_gathering_one_layer_at_a_time(distribut
         whole = served({k: v.clone() for k, v in trainer.model.state_dict().items()}, torch.float32)
     assert published.keys() == whole.keys()
     assert all(torch.equal(published[k], whole[k]) for k in whole)
+
+    # Cast to the served dtype layer by layer as it is gathered: that host copy is the version's snapshot,
+    # handed to the writer as owned (a second copy of the whole model would double rank 0's host memory).
+    assert all(torch.equal(a, b) for a, b in zip(trainer._full_state_dict(torch.bfloat16).values(),
+                                                 served(whole, torch.bfloat16).values(), strict=True))
+    submitted, submit = [], trainer.writer.submit
+    trainer.writer.submit = lambda *args, **kw: submitted.append((args[1], kw["owned"])) or submit(*args, **kw)
+    trainer.publish()
+    assert trainer.published() is not None
+    (snapshot, owned), = submitted
+    assert owned and {t.dtype for t in snapshot.values()} == {torch.bfloat16}
+    trainer.close()

@@ -41,11 +41,13 @@ class BackgroundPublisher:
         self._location: str | None = None
         self._lock = threading.Lock()
 
-    def submit(self, version: int, state: dict, config_json: str, announce: Announce) -> None:
-        """Snapshot `state` (name -> tensor; the caller's live parameters) and write it as `version`."""
+    def submit(self, version: int, state: dict, config_json: str, announce: Announce, owned: bool = False) -> None:
+        """Snapshot `state` (name -> tensor; the caller's live parameters) and write it as `version`. `owned`:
+        `state` is already a host copy in the publisher's dtype that the caller gives up (ZeRO-3's gathered
+        layers), so it is the snapshot itself."""
         self.flush()
         # owned, in the dtype the publisher writes: the optimizer may now move the originals
-        snapshot = served(state, self.publisher.dtype, copy=True)
+        snapshot = served(state, self.publisher.dtype, copy=not owned)
         if self._executor is None:
             self._write(version, snapshot, config_json, announce)
         else:
@@ -53,7 +55,7 @@ class BackgroundPublisher:
 
     def _write(self, version: int, snapshot: dict, config_json: str, announce: Announce) -> None:
         t0 = time.perf_counter()
-        location = self.publisher.publish(version, snapshot, config_json)
+        location = self.publisher.publish(version, snapshot, config_json, owned=True)
         announce(version, location)
         with self._lock:
             self._location = location

@@ -27,10 +27,11 @@ DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float
 ZSTD_LEVEL = 1  # level 3 wrote the same bytes (+-1 %) at half the speed on weight XORs
 
 
-def served(state, dtype: torch.dtype, copy: bool = False) -> dict[str, torch.Tensor]:
-    """The tensors a version holds: CPU, contiguous, in the served dtype; tensors sharing storage (tied
-    embeddings) once, under their first name, as transformers saves them. `state` is a dict or an iterable of
-    (name, tensor). The result may alias `state`'s tensors unless `copy` (then casting and copying are one)."""
+def served(state, dtype: torch.dtype | None, copy: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors a version holds: CPU, contiguous, in the served dtype (floating tensors; None keeps theirs);
+    tensors sharing storage (tied embeddings) once, under their first name, as transformers saves them. `state`
+    is a dict or an iterable of (name, tensor). The result may alias `state`'s tensors unless `copy` (then
+    casting and copying are one)."""
     seen, out = set(), {}
     for name, tensor in state.items() if isinstance(state, Mapping) else state:
         key = (tensor.data_ptr(), tuple(tensor.shape))

@@ -34,7 +34,7 @@ class AdapterPublisher(WeightPublisher):
         self.dtype = dtype
         self._bytes = 0
 
-    def publish(self, version, state, config_json):
+    def publish(self, version, state, config_json, owned=False):
         """`state`: the adapter's tensors (asyncopd.ml.lora.adapter_state); `config_json`: its
         adapter_config.json."""
         target = version_dir(self.root, version)

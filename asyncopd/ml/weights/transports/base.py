@@ -29,8 +29,11 @@ class WeightPublisher(ABC):
         self.root = Path(root)
 
     @abstractmethod
-    def publish(self, version: int, state: dict, config_json: str) -> str:
-        """Write `state` (name -> tensor, any float dtype) as `version`; returns its location."""
+    def publish(self, version: int, state: dict, config_json: str, owned: bool = False) -> str:
+        """Write `state` (name -> tensor, any float dtype) as `version`; returns its location. `owned`: `state`
+        is a snapshot already in `self.dtype` that nobody changes any more (`codec.served(..., copy=True)`), so
+        a publisher that keeps the tensors (a delta base, the transfer server's held versions) keeps these
+        instead of copying them: each copy is the whole model on rank 0's host, 140 GB for a 70B student."""
 
     def prune(self, keep_from: int) -> None:
         """Delete versions older than `keep_from` that nothing retained depends on."""

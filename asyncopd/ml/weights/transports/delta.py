@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,11 +51,12 @@ def write_delta(target: Path, version: int, tensors: dict[str, torch.Tensor], co
                 dtype: torch.dtype) -> Manifest:
     tmp = fresh_tmp(target)
     entries, offset = {}, 0
-    with ThreadPoolExecutor(WORKERS) as pool:  # zstd, numpy and torch release the GIL: tensors in parallel
-        frames = pool.map(lambda item: encode_delta(item[1], bits(base.tensors[item[0]])), tensors.items())
-        framed = list(zip(tensors.items(), frames, strict=True))
-    with open(tmp / DELTA_FILE, "wb") as fh:
-        for (name, t), frame in framed:
+    items = list(tensors.items())
+    # zstd, numpy and torch release the GIL: tensors in parallel, written in order as they come, so at most a
+    # window of frames is in memory, never the whole compressed version (up to a served copy at high lr)
+    with ThreadPoolExecutor(WORKERS) as pool, open(tmp / DELTA_FILE, "wb") as fh:
+        encoded = _in_order(pool, lambda item: encode_delta(item[1], bits(base.tensors[item[0]])), items, 2 * WORKERS)
+        for (name, t), frame in zip(items, encoded, strict=True):
             fh.write(frame)
             entries[name] = TensorEntry(list(t.shape), dtype_name(t), checksum(t), offset, len(frame))
             offset += len(frame)
@@ -64,6 +66,17 @@ def write_delta(target: Path, version: int, tensors: dict[str, torch.Tensor], co
     manifest.write(tmp)
     replace_dir(tmp, target)
     return manifest
+
+
+def _in_order(pool: ThreadPoolExecutor, fn, items: list, window: int):
+    """`fn(item)` for each item, computed by `pool`, yielded in order with at most `window` results pending."""
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
 
 
 def apply_delta(location: Path, manifest: Manifest, base: Base) -> dict[str, torch.Tensor]:
@@ -101,9 +114,9 @@ class DeltaPublisher(WeightPublisher):
         self.repaired: dict[int, str] = {}  # version -> id of the full copy a repair wrote
         self._bytes = 0
 
-    def publish(self, version, state, config_json):
+    def publish(self, version, state, config_json, owned=False):
         target = version_dir(self.root, version)
-        tensors = served(state, self.dtype, copy=True)  # kept: as the base, and for repairs
+        tensors = served(state, self.dtype, copy=not owned)  # kept: as the base, and for repairs
         with self.lock:
             if self._needs_full(version, tensors):
                 manifest = write_full(target, version, tensors, config_json, self.dtype)

@@ -81,7 +81,7 @@ class FilesystemPublisher(WeightPublisher):
         self.dtype = dtype
         self._bytes = 0
 
-    def publish(self, version, state, config_json):
+    def publish(self, version, state, config_json, owned=False):
         target = version_dir(self.root, version)
         self._bytes = write_full(target, version, served(state, self.dtype), config_json, self.dtype).bytes()
         return str(target)

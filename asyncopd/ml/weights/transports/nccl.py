@@ -285,12 +285,13 @@ class NcclPublisher(WeightPublisher):
         super().__init__(inner.root)
         self.inner, self.server, self.dtype = inner, server, dtype
 
-    def publish(self, version, state, config_json):
+    def publish(self, version, state, config_json, owned=False):
         from asyncopd.ml.weights.codec import served
 
-        # Copies: the server keeps them past this call, and the optimizer changes the live parameters in place.
-        tensors = served(state, self.dtype, copy=True)
-        location = self.inner.publish(version, tensors, config_json)
+        # Owned: the server keeps them past this call, and the optimizer changes the live parameters in place.
+        # The inner publisher may keep the same ones (nobody writes to them): one copy per version, not two.
+        tensors = served(state, self.dtype, copy=not owned)
+        location = self.inner.publish(version, tensors, config_json, owned=True)
         self.server.offer(version, location, tensors)
         return location
 
