@@ -391,7 +391,7 @@ def findings(agg: list[dict], rows: list[dict]) -> list[str]:
                        f"formation, broadcast, layerwise reload) took {n['reload_vllm_s']} s, against "
                        f"{f['reload_vllm_s']} s reading a `filesystem` version and {d['reload_vllm_s']} s rebuilding a "
                        f"`delta` one from files; its publish ({n['publish_s']} s) is the `delta` fallback's "
-                       f"({d['publish_s']} s) plus a served-dtype copy for the transfer server.")
+                       f"({d['publish_s']} s), which keeps the very tensors the transfer server holds.")
     for a in agg:
         if a["params_m"] == largest and a["lr"] == min(x["lr"] for x in agg):
             reload = a["reload_vllm_s"] if a["reload_vllm_s"] is not None else a["reload_hf_s"]
@@ -449,7 +449,8 @@ def write_report(out: Path, command: str, rows: list[dict], agg: list[dict], ove
         "served dtype (bf16): what rank 0's node must have beyond the model and optimizer. The snapshot is one "
         "copy; `delta` also keeps its base and the last version (for repairs) and encodes a window of tensors; "
         "`nccl` over `delta` adds the transfer server's two newest versions, which share their tensors with the "
-        "delta publisher's. For a 70B student one copy is 140 GB.", "",
+        "delta publisher's. For a 70B student one copy is 140 GB. At the example size (0.2 MiB) the figures are the "
+        "allocator's noise.", "",
         *md_table(memory), "",
         "## Per GB of a bf16 model (largest size measured)", "", *md_table(rates), "",
         "## Extrapolated", "",
