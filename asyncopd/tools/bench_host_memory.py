@@ -8,6 +8,11 @@ kernel's peak-RSS mark (`/proc/self/clear_refs`, Linux), publishes versions thro
 model, in served copies. The updates are in place (`mul_`), as an optimizer step's are, so every byte
 counted is the publishing path's: the snapshot, what the transport keeps (a delta base and the last version
 for repairs, the transfer server's two newest versions) and its encoding buffers.
+
+A rollout worker's side, for the file transports: another fresh process reads those versions in order through
+the transport's follower, dropping each version's tensors once it has them (an engine copies them into its own
+weights, on the GPU there), so its peak is the transport's part: the cached delta base, the version being
+rebuilt and checked, the bytes read. (`nccl` receives straight into the engine's weights, buffer by buffer.)
 """
 
 from __future__ import annotations
@@ -17,7 +22,18 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 TRANSPORTS = ("filesystem", "delta", "nccl")
+FOLLOWED = ("filesystem", "delta")  # read back by a follower process (nccl receives into the engine)
 VERSIONS = 4  # one full + three deltas: a delta base, the last version and a new snapshot at once
+
+
+def _reset_peak() -> int:
+    """Restart the kernel's peak-RSS mark from the current RSS; that RSS."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError as exc:
+        raise RuntimeError(f"cannot reset the peak-RSS mark (/proc/self/clear_refs): {exc}") from exc
+    return _proc_status("VmRSS")
 
 
 def _proc_status(field: str) -> int:
@@ -53,12 +69,7 @@ def publish_peak(model_dir: str, transport: str, dtype: str, root: str, redis_po
                                                  fallback="delta", server=server))
     copy_bytes = sum(t.numel() for t in served(model.state_dict(), None).values()) * DTYPES[dtype].itemsize
     config = model.config.to_json_string()
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")  # the peak-RSS mark restarts from the current RSS
-    except OSError as exc:
-        raise RuntimeError(f"cannot reset the peak-RSS mark (/proc/self/clear_refs): {exc}") from exc
-    base = _proc_status("VmRSS")
+    base = _reset_peak()
     with torch.no_grad():
         for version in range(1, VERSIONS + 1):
             for p in model.parameters():
@@ -67,19 +78,46 @@ def publish_peak(model_dir: str, transport: str, dtype: str, root: str, redis_po
         writer.flush()
     peak = _proc_status("VmHWM") - base
     writer.close()
-    return {"transport": transport, "dtype": dtype, "versions": VERSIONS,
+    return _row("learner (rank 0)", transport, dtype, copy_bytes, peak)
+
+
+def follow_peak(root: str, transport: str, dtype: str, copy_bytes: int) -> dict:
+    """Runs in its own process: the peak bytes while a follower reads the `VERSIONS` versions under `root`."""
+    from asyncopd.ml.weights.layout import version_dir
+    from asyncopd.ml.weights.transports import setup_follower
+
+    follower = setup_follower(transport)
+    base = _reset_peak()
+    for version in range(1, VERSIONS + 1):
+        tensors = follower.tensors(str(version_dir(Path(root), version)))
+        assert len(tensors) > 0
+        del tensors
+    return _row("rollout worker", transport, dtype, copy_bytes, _proc_status("VmHWM") - base)
+
+
+def _row(side: str, transport: str, dtype: str, copy_bytes: int, peak: int) -> dict:
+    return {"side": side, "transport": transport, "dtype": dtype, "versions": VERSIONS,
             "served_copy_mib": round(copy_bytes / 2**20, 2), "peak_above_model_mib": round(peak / 2**20, 2),
             "peak_served_copies": round(peak / copy_bytes, 2)}
 
 
 def host_memory(models: dict[str, Path], work: Path, redis_port: int, full_every: int) -> list[dict]:
-    """One row per size and transport (bf16, the served dtype users run)."""
+    """Rows per size and transport (bf16, the served dtype users run): the learner's, then for the file
+    transports a rollout worker's."""
     rows = []
     for size, model_dir in models.items():
         for transport in TRANSPORTS:
-            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-                row = pool.submit(publish_peak, str(model_dir), transport, "bfloat16",
-                                  str(work / f"host-memory-{size}-{transport}"), redis_port, full_every).result()
-            rows.append({"size": size, **row})
-            print(rows[-1], flush=True)
+            root = str(work / f"host-memory-{size}-{transport}")
+            learner = _fresh_process(publish_peak, str(model_dir), transport, "bfloat16", root, redis_port, full_every)
+            rows.append({"size": size, **learner})
+            if transport in FOLLOWED:
+                copy_bytes = round(learner["served_copy_mib"] * 2**20)
+                rows.append({"size": size, **_fresh_process(follow_peak, root, transport, "bfloat16", copy_bytes)})
     return rows
+
+
+def _fresh_process(fn, *args) -> dict:
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        row = pool.submit(fn, *args).result()
+    print(row, flush=True)
+    return row

@@ -443,14 +443,16 @@ def write_report(out: Path, command: str, rows: list[dict], agg: list[dict], ove
         "default; the last write waited for, so all the work is inside the time). The writer shares this "
         "machine's two cores with training; on a GPU learner the step runs on the GPU and the write on the host.",
         "", *md_table(overlap), "",
-        "## Rank 0's host memory while publishing", "",
+        "## Host memory while versions publish and reload", "",
         f"Peak resident memory above the trained model while {MEMORY_VERSIONS} versions publish through the "
         "learner's background writer, each size and transport in a fresh process, in copies of the model in the "
         "served dtype (bf16): what rank 0's node must have beyond the model and optimizer. The snapshot is one "
         "copy; `delta` also keeps its base and the last version (for repairs) and encodes a window of tensors; "
         "`nccl` over `delta` adds the transfer server's two newest versions, which share their tensors with the "
-        "delta publisher's. For a 70B student one copy is 140 GB. At the example size (0.2 MiB) the figures are the "
-        "allocator's noise.", "",
+        "delta publisher's. `rollout worker` rows: another fresh process reads the same versions through the "
+        "transport's follower, dropping each once read (an engine copies it into its own weights): the cached "
+        "delta base, the version being rebuilt and checked, the bytes read. For a 70B student one copy is 140 GB. "
+        "At the example size (0.2 MiB) the figures are the allocator's noise.", "",
         *md_table(memory), "",
         "## Per GB of a bf16 model (largest size measured)", "", *md_table(rates), "",
         "## Extrapolated", "",

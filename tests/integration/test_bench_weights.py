@@ -43,6 +43,7 @@ def test_weights_bench_smoke_writes_its_report(tmp_path):
     assert {r["transport"] for r in overlap} == {"filesystem", "delta"}
     assert all(float(r["step_async_publish_s"]) > 0 and float(r["step_sync_publish_s"]) > 0 for r in overlap)
     assert float(rows["filesystem", "bfloat16"]["snapshot_s"]) > 0
-    memory = {r["transport"]: r for r in csv.DictReader(open(out / "weights-memory.csv"))}
-    assert set(memory) == {"filesystem", "delta", "nccl"}
+    memory = {(r["side"], r["transport"]): r for r in csv.DictReader(open(out / "weights-memory.csv"))}
+    assert set(memory) == {("learner (rank 0)", t) for t in ("filesystem", "delta", "nccl")} | {
+        ("rollout worker", t) for t in ("filesystem", "delta")}
     assert all(float(r["served_copy_mib"]) > 0 and float(r["peak_served_copies"]) >= 0 for r in memory.values())
