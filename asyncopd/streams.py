@@ -313,11 +313,12 @@ class StreamConsumer:
     def dead_letter(self, msg: Message, reason: str, entry: Entry | None = None) -> None:
         log.warning("dead-lettering %s %s: %s", self.stream, msg.id, reason)
         fields = {"stream": self.stream, "id": msg.id, "reason": reason[:500], **msg.fields}
-        batch, lost = (str(entry.batch), entry.lost_samples()) if entry is not None else ("", 0)
+        # An entry that does not parse belongs to no batch: nothing to charge.
+        lost_hash, batch, lost = (lost_key(entry.job_id), str(entry.batch), entry.lost_samples()) \
+            if entry is not None else ("", "", 0)
         # EVAL, not EVALSHA: the retry after a Redis restart meets an empty script cache.
-        self.r.eval(_DEAD_LETTER_ONCE, 3, self.stream, DEAD_LETTER, lost_key(entry.job_id) if entry else "",
-                    self.group, msg.id, DEAD_LETTER_MAXLEN, batch, lost,
-                    *(x for kv in fields.items() for x in kv))
+        self.r.eval(_DEAD_LETTER_ONCE, 3, self.stream, DEAD_LETTER, lost_hash, self.group, msg.id, DEAD_LETTER_MAXLEN,
+                    batch, lost, *(x for kv in fields.items() for x in kv))
         DEAD_LETTERS.labels(self.stream).inc()
 
     def _own_pending(self, count: int) -> list[Message]:
