@@ -83,21 +83,22 @@ def apply_delta(location: Path, manifest: Manifest, base: Base) -> dict[str, tor
     if set(manifest.tensors) != set(base.tensors):
         raise WeightSyncError("mismatch", f"{location}: tensors differ from those of base v{base.version}")
     try:
-        data = (location / DELTA_FILE).read_bytes()
+        fh = open(location / DELTA_FILE, "rb")  # noqa: SIM115 (closed below, after the pool is done with it)
     except FileNotFoundError as exc:  # pruned or replaced since its manifest was read
         raise WeightSyncError("missing", str(exc)) from exc
 
     def rebuild(item: tuple[str, TensorEntry]) -> torch.Tensor:
         name, e = item
-        if e.offset + e.length > len(data):
+        # Each worker reads its own frame: the file is never in memory whole (up to a served copy at high lr).
+        frame = os.pread(fh.fileno(), e.length, e.offset)
+        if len(frame) < e.length:
             raise WeightSyncError("truncated", f"{location}/{DELTA_FILE} ends before tensor {name}")
-        frame = memoryview(data)[e.offset : e.offset + e.length]
         t = decode_delta(frame, bits(base.tensors[name]), base.tensors[name].dtype, e.shape)
         if checksum(t) != e.checksum:
             raise WeightSyncError("checksum", f"{location}: tensor {name} does not match its checksum")
         return t
 
-    with ThreadPoolExecutor(WORKERS) as pool:
+    with fh, ThreadPoolExecutor(WORKERS) as pool:
         return dict(zip(manifest.tensors, pool.map(rebuild, manifest.tensors.items()), strict=True))
 
 
