@@ -46,7 +46,6 @@ def _proc_status(field: str) -> int:
 
 def publish_peak(model_dir: str, transport: str, dtype: str, root: str, redis_port: int, full_every: int) -> dict:
     """Runs in its own process: the peak bytes above the resident model while `VERSIONS` versions publish."""
-    import redis
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -61,6 +60,8 @@ def publish_peak(model_dir: str, transport: str, dtype: str, root: str, redis_po
             p.mul_(1.0)  # resident: from_pretrained maps the file lazily, a trained model's pages are all in
     server = None
     if transport == "nccl":
+        import redis
+
         from asyncopd.ml.weights.transports.nccl import TransferServer
 
         server = TransferServer(redis.Redis(port=redis_port), "bench-host-memory", device="cpu", host="127.0.0.1",
@@ -81,7 +82,7 @@ def publish_peak(model_dir: str, transport: str, dtype: str, root: str, redis_po
     return _row("learner (rank 0)", transport, dtype, copy_bytes, peak)
 
 
-def follow_peak(root: str, transport: str, dtype: str, copy_bytes: int) -> dict:
+def follow_peak(root: str, transport: str, dtype: str) -> dict:
     """Runs in its own process: the peak bytes while a follower reads the `VERSIONS` versions under `root`."""
     from asyncopd.ml.weights.layout import version_dir
     from asyncopd.ml.weights.transports import setup_follower
@@ -90,7 +91,7 @@ def follow_peak(root: str, transport: str, dtype: str, copy_bytes: int) -> dict:
     base = _reset_peak()
     for version in range(1, VERSIONS + 1):
         tensors = follower.tensors(str(version_dir(Path(root), version)))
-        assert len(tensors) > 0
+        copy_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
         del tensors
     return _row("rollout worker", transport, dtype, copy_bytes, _proc_status("VmHWM") - base)
 
@@ -111,8 +112,7 @@ def host_memory(models: dict[str, Path], work: Path, redis_port: int, full_every
             learner = _fresh_process(publish_peak, str(model_dir), transport, "bfloat16", root, redis_port, full_every)
             rows.append({"size": size, **learner})
             if transport in FOLLOWED:
-                copy_bytes = round(learner["served_copy_mib"] * 2**20)
-                rows.append({"size": size, **_fresh_process(follow_peak, root, transport, "bfloat16", copy_bytes)})
+                rows.append({"size": size, **_fresh_process(follow_peak, root, transport, "bfloat16")})
     return rows
 
 

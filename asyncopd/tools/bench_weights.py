@@ -10,8 +10,8 @@ reload into an HF engine and a vLLM engine of the version's dtype (a follower th
 rollout worker does; for `delta` on vLLM both ways of handing over the rebuilt tensors: the in-process
 `weights_iterator` and a worker-local directory reloaded by path; for `nccl`, vLLM only, one transfer round
 from a transfer server in this process, coordinated through a scratch redis-server: group formation over
-loopback, broadcast, layerwise reload). And per size and transport, rank 0's peak host memory while versions
-publish (`bench_host_memory`).
+loopback, broadcast, layerwise reload). And per size and transport, the peak host memory of rank 0 while
+versions publish and of a rollout worker while it reads them back (`bench_host_memory`).
 
 Files are read back from the page cache of a local disk: the reload seconds are the CPU's share (decode,
 checksums, copying into the engine), not a network volume's. `bytes_per_version` is what a shared volume
