@@ -5,11 +5,11 @@
 # That machine: CPython 3.12, manylinux x86_64, torch (CUDA) and transformers installed, no vLLM, no network
 # (/work/.library/device/KINDS.md). So:
 # - wheels/: the project's non-torch dependencies, pinned to the versions this repository's .venv tests with
-#   (read from it), for cp312 manylinux x86_64. DeepSpeed is an sdist on PyPI: it is built here into a wheel
-#   (pure Python: no op is prebuilt, DeepSpeed JIT-builds an op only when one is used, and the learner uses
-#   none). Not carried: torch, transformers and what they bring (numpy, safetensors, tokenizers,
-#   huggingface-hub, packaging, tqdm, ...); nor `datasets`/pyarrow: the check reads JSONL prompts, for which
-#   asyncopd.prompts imports no `datasets`.
+#   (read from it), for cp312 manylinux x86_64, transformers included. DeepSpeed is an sdist on PyPI: it is
+#   built here into a wheel (pure Python: no op is prebuilt, DeepSpeed JIT-builds an op only when one is used,
+#   and the learner uses none). Not carried: torch and what it and transformers bring (numpy, safetensors,
+#   tokenizers, huggingface-hub, packaging, tqdm, ...); nor `datasets`/pyarrow: the check reads JSONL prompts,
+#   for which asyncopd.prompts imports no `datasets`.
 # - models/: the example job's tiny teacher and student as `asyncopd models` built them here (2 MB; building
 #   them there would take ~80 s of the run's 8 minutes), copied into .cache/models/ by the check.
 # Prints the total with the working tree: the device tool carries at most 64 MiB per run, tree included.
@@ -32,6 +32,9 @@ PACKAGES=(
   # older runtime: carry these, whatever the machine has.
   grpcio grpcio-health-checking grpcio-reflection protobuf
   prometheus-client pyyaml zstandard xxhash                     # metrics; job files; the delta transport
+  # The version the tests run (the machine's is older, 5.17 when last read); its own needs (huggingface-hub,
+  # tokenizers, safetensors, regex, typer) are within what the machine has.
+  transformers
 )
 PLATFORMS=(manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64
            manylinux_2_5_x86_64 manylinux1_x86_64 any)
