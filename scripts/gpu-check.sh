@@ -22,11 +22,11 @@ args=()
 while (($#)); do
   case $1 in
     --install-only) install_only=1; shift; continue ;;
-    --device=*) device=${1#*=} ;;
+    --device=*) device=${1#*=}; shift; continue ;;  # passed to the driver once, below
+    --device) device=${2:-}; shift 2; continue ;;
     --work=*) work=${1#*=} ;;
     --carried=*) carried=${1#*=} ;;
-    --device|--work|--carried)
-      [[ $1 == --device ]] && device=${2:-}
+    --work|--carried)
       [[ $1 == --work ]] && work=${2:-}
       [[ $1 == --carried ]] && carried=${2:-}
       args+=("$1" "${2:-}"); shift 2; continue ;;

@@ -15,7 +15,8 @@ phase, so a run cut short leaves what it had measured.
 - weights: the `filesystem` and `delta` transports on device tensors, in this process: AdamW steps of the pair's
   student (float32 master weights on the device) on random tokens, each version published in the served dtype
   and followed into an HF engine on the device; publish, snapshot (the device-to-host copy an async publish
-  waits for) and reload seconds, bytes, and a bit-exact comparison of the engine's weights with the trained ones.
+  waits for; also timed with the cast on the host, as torch's cross-device copy does it) and reload seconds,
+  bytes, and a bit-exact comparison of the engine's weights with the trained ones.
 - stack: Redis and the four services (`asyncopd.tools.localstack`), the HF engine on the device for rollout and
   teacher (the GPU machine has no vLLM), the learner's DeepSpeed on NCCL (gloo on cpu), the profile's dtype for
   engines, training and published versions.
@@ -339,6 +340,22 @@ def _params(s) -> tuple[int, int]:
     return 2 * s.vocab * s.hidden + s.hidden, s.layers * block
 
 
+def _snapshot_s(state: dict, dtype, where: str) -> float:
+    """Seconds for the served-dtype host copy a learner step waits for with weights_async_publish: cast on the
+    device (`served`), or on the host (torch's cross-device copy with a cast, as `served` did before the first GPU
+    run)."""
+    import torch
+
+    from asyncopd.ml.weights.codec import served
+
+    t0 = time.perf_counter()
+    if where == "device":
+        served(state, dtype, copy=True)
+    else:
+        {n: t.detach().to(torch.device("cpu"), dtype if t.is_floating_point() else t.dtype) for n, t in state.items()}
+    return time.perf_counter() - t0
+
+
 def phase_weights(ctx: Context, deadline: float) -> str:
     """Publish + reload through each file transport on device tensors, in this process (`nccl` needs vLLM, which
     the GPU machine does not have)."""
@@ -347,7 +364,6 @@ def phase_weights(ctx: Context, deadline: float) -> str:
 
     from asyncopd.ml.dtypes import DTYPES
     from asyncopd.ml.engines.hf_engine import HFEngine
-    from asyncopd.ml.weights.codec import served
     from asyncopd.ml.weights.manifest import Manifest
     from asyncopd.ml.weights.transports import FILE_TRANSPORTS, setup_follower, setup_publisher
 
@@ -385,9 +401,11 @@ def phase_weights(ctx: Context, deadline: float) -> str:
         sync()
         step_s = time.perf_counter() - t0
         state = model.state_dict()
-        t0 = time.perf_counter()
-        served(state, DTYPES[dtype], copy=True)  # all a learner step waits for with weights_async_publish
-        snapshot_s = time.perf_counter() - t0
+        # The A/B of the device-side cast in one run; which goes first alternates (the second may find the host
+        # pages the first freed).
+        order = ("device", "host") if version % 2 else ("host", "device")
+        cast_s = {where: _snapshot_s(state, DTYPES[dtype], where) for where in order}
+        snapshot_s, host_cast_s = cast_s["device"], cast_s["host"]
         for transport in FILE_TRANSPORTS:
             t0 = time.perf_counter()
             location = publishers[transport].publish(version, state, config_json)
@@ -405,7 +423,8 @@ def phase_weights(ctx: Context, deadline: float) -> str:
                 "dtype": dtype, "device": ctx.device,
                 "params_m": round(sum(t.numel() for t in state.values()) / 1e6, 1),
                 "bytes_mb": round(publishers[transport].last_bytes() / 1e6, 2), "train_step_s": round(step_s, 4),
-                "publish_s": round(publish_s, 4), "snapshot_s": round(snapshot_s, 4), "reload_s": round(reload_s, 4),
+                "publish_s": round(publish_s, 4), "snapshot_s": round(snapshot_s, 4),
+                "snapshot_host_cast_s": round(host_cast_s, 4), "reload_s": round(reload_s, 4),
                 "bit_exact": not wrong})
             log(f"weights {transport} v{version}: publish {publish_s:.3f} s, reload {reload_s:.3f} s, "
                 f"{publishers[transport].last_bytes() / 1e6:.1f} MB")
@@ -699,7 +718,9 @@ def write_files(ctx: Context) -> None:
         "## Weights transports", "", *_md_table(ctx.weights_rows), "",
         "In this process: a float32 master copy of the student trained by AdamW (lr 1e-5) on random tokens; each "
         "version published in the served dtype (publish_s: device-to-host cast and copy, encode, checksums, write, "
-        "rename) and loaded by that transport's follower into an HF engine on the device (reload_s, synchronised); "
+        "rename; snapshot_s: the cast and copy alone, cast on the device; snapshot_host_cast_s: the same copied in "
+        "full precision and cast on the host) and loaded by that transport's follower into an HF engine on the "
+        "device (reload_s, synchronised); "
         "bit_exact: every tensor the engine holds equals the trained one cast to the served dtype.", "",
         "## Memory", "", *_md_table(memory), "",
         "gpu_peak_mib: nvidia-smi, sampled every 0.5 s while the phase or job ran (per process where nvidia-smi lists "

@@ -45,7 +45,9 @@ def test_gpu_check_rehearsal_on_cpu_passes_and_writes_every_file(tmp_path, tiny_
     phases = rows(out / "phases.csv")
     assert [p["phase"] for p in phases] == list(PHASES)
     assert all(p["status"] == "ok" for p in phases), phases
-    assert (out / "summary.md").read_text().startswith("# GPU check (cpu): PASSED")
+    summary = (out / "summary.md").read_text()
+    assert summary.startswith("# GPU check (cpu): PASSED")
+    assert summary.count("--device") == 1, summary[:600]  # the script hands the driver its flags once
 
     evals = rows(out / "example.csv")
     assert [int(e["step"]) for e in evals] == [0, 15, 30]
@@ -67,6 +69,7 @@ def test_gpu_check_rehearsal_on_cpu_passes_and_writes_every_file(tmp_path, tiny_
     assert [(w["transport"], w["version"], w["kind"]) for w in weights] == [
         ("filesystem", "1", "full"), ("delta", "1", "full"), ("filesystem", "2", "full"), ("delta", "2", "delta")]
     assert all(w["bit_exact"] == "True" and float(w["publish_s"]) > 0 for w in weights)
+    assert all(float(w["snapshot_s"]) > 0 and float(w["snapshot_host_cast_s"]) > 0 for w in weights)
 
     memory = rows(out / "memory.csv")
     for label in ("example", "throughput-eta0", "throughput-eta2"):

@@ -39,8 +39,13 @@ def served(state, dtype: torch.dtype | None, copy: bool = False) -> dict[str, to
             continue
         seen.add(key)
         t = tensor.detach()
-        out[name] = t.to(device="cpu", dtype=dtype if t.is_floating_point() else t.dtype, copy=copy,
-                         memory_format=torch.contiguous_format)
+        target = dtype if dtype is not None and t.is_floating_point() else t.dtype
+        if t.device.type != "cpu" and t.dtype != target:
+            # Cast where the tensor is: torch copies a cross-device cast in the source dtype and casts on the host,
+            # so an fp32 master would cross to the host at twice the served bytes into a full-precision temporary.
+            # The price: one tensor's served copy on the device at a time.
+            t = t.to(target)
+        out[name] = t.to(device="cpu", dtype=target, copy=copy, memory_format=torch.contiguous_format)
     return out
 
 
