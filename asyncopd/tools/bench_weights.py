@@ -37,6 +37,7 @@ VARIANTS = [("filesystem", "float32"), ("filesystem", "bfloat16"), ("delta", "bf
 TRANSFER_JOB = "bench-weights"  # the transfer server's and followers' job id (a scratch Redis of its own)
 BATCH, SEQ = 8, 128  # tokens per training step: 1,024 random ids
 FULL_EVERY = 8  # the default of weights_full_every: one cycle per run at the default 8 steps
+ASYNC_BLOCK = 3  # steps of one way in a round of `async_overlap` (a background block's first is not steady)
 EMBEDDINGS = ("embed_tokens", "lm_head")
 EXTRAPOLATE = {"1B": 1e9, "4B": 4e9, "8B": 8e9, "32B": 32e9, "70B": 70e9}
 VOLUME_GBPS = 1.0  # an assumed shared-volume bandwidth per client, to turn bytes into seconds
@@ -178,36 +179,63 @@ def train_and_publish(size: str, model_dir: Path, lrs: list[float], steps: int, 
 
 
 def async_overlap(size: str, params: int, run: TrainingRun, lr: float, steps: int, work: Path) -> list[dict]:
-    """The learner's wall seconds per step (train + publish) for `steps` steps, with no publishing, with each
-    version written before the next step (weights_async_publish off), and written on the background thread
-    while the next step trains (on; the last write is waited for, so all the work is inside the time). On this
-    machine the writer shares the two cores with training, so this is what overlapping costs, not just what
+    """The learner's wall seconds per step (train + publish) without publishing, with each version written
+    before the next step (weights_async_publish off), and written on the background thread while the next step
+    trains (on), per transport. The five ways are interleaved: rounds of ASYNC_BLOCK steps of each, in an order
+    that rotates every round, so that the step's own drift over the run (4.0-4.6 s between one way's block and
+    the next at 125M here) falls on every way alike; each figure is a median over steady steps. A background
+    step is steady from its block's second: it trains while the version before is written, then waits for that
+    write if it is still running, as in a job (a block's last write finishes untimed before the next way). On
+    this machine the writer shares the two cores with training, so this is what overlapping costs, not just what
     it hides."""
     from asyncopd.ml.weights.background import BackgroundPublisher
     from asyncopd.ml.weights.transports import setup_publisher
 
-    def per_step(transport: str | None, background: bool) -> float:
-        writer = None if transport is None else BackgroundPublisher(
-            setup_publisher(transport, work / f"overlap-{size}-{transport}-{background}", dtype="bfloat16",
-                            full_every=FULL_EVERY), background=background)
-        t0 = time.perf_counter()
-        for version in range(1, steps + 1):
-            run.step()
+    ways = [(None, False)] + [(t, background) for t in ("filesystem", "delta") for background in (False, True)]
+    writers = {(t, b): BackgroundPublisher(setup_publisher(t, work / f"overlap-{size}-{t}-{b}", dtype="bfloat16",
+                                                           full_every=FULL_EVERY), background=b)
+               for t, b in ways if t is not None}
+    versions = dict.fromkeys(writers, 0)
+    rounds = max(2, steps // 2)
+    timed: dict[tuple, list[list[float]]] = {way: [] for way in ways}  # way -> per round, its steady steps
+    for r in range(rounds):
+        for way in ways[r % len(ways):] + ways[:r % len(ways)]:
+            writer, seconds = writers.get(way), []
+            for i in range(ASYNC_BLOCK):
+                t0 = time.perf_counter()
+                run.step()
+                if writer is not None:
+                    versions[way] += 1
+                    writer.submit(versions[way], run.model.state_dict(), run.config_json, lambda v, location: None)
+                if i > 0 or not way[1]:
+                    seconds.append(time.perf_counter() - t0)
             if writer is not None:
-                writer.submit(version, run.model.state_dict(), run.config_json, lambda version, location: None)
-        if writer is not None:
-            writer.close()
-        return (time.perf_counter() - t0) / steps
+                writer.flush()
+            timed[way].append(seconds)
+    for writer in writers.values():
+        writer.close()
 
-    alone = per_step(None, False)
+    def steady(way: tuple) -> float:
+        return statistics.median(t for block in timed[way] for t in block)
+
+    def overhead(way: tuple) -> dict:
+        """% over the step alone: over every steady step (medians), and the range over the rounds."""
+        alone = (None, False)
+        per_round = [100 * (statistics.median(w) / statistics.median(a) - 1)
+                     for w, a in zip(timed[way], timed[alone], strict=True)]
+        return {"pct": round(100 * (steady(way) / steady(alone) - 1), 1),
+                "rounds": f"{min(per_round):.1f}..{max(per_round):.1f}"}
+
     rows = []
     for transport in ("filesystem", "delta"):
-        sync, background = per_step(transport, False), per_step(transport, True)
+        sync, background = overhead((transport, False)), overhead((transport, True))
         rows.append({"size": size, "params_m": round(params / 1e6, 2), "lr": lr, "transport": transport,
-                     "dtype": "bfloat16", "steps": steps, "step_alone_s": round(alone, 4),
-                     "step_sync_publish_s": round(sync, 4), "step_async_publish_s": round(background, 4),
-                     "sync_overhead_pct": round(100 * (sync / alone - 1), 1),
-                     "async_overhead_pct": round(100 * (background / alone - 1), 1)})
+                     "dtype": "bfloat16", "rounds": rounds, "block": ASYNC_BLOCK,
+                     "step_alone_s": round(steady((None, False)), 4),
+                     "step_sync_publish_s": round(steady((transport, False)), 4),
+                     "step_async_publish_s": round(steady((transport, True)), 4),
+                     "sync_overhead_pct": sync["pct"], "sync_overhead_pct_rounds": sync["rounds"],
+                     "async_overhead_pct": background["pct"], "async_overhead_pct_rounds": background["rounds"]})
     return rows
 
 
@@ -437,11 +465,15 @@ def write_report(out: Path, command: str, rows: list[dict], agg: list[dict], ove
         "- `snapshot_s`: the owned host copy in the served dtype, all a step waits for with "
         "`weights_async_publish` (the default); `async_pct_of_step`: (snapshot + reload) / step.", "",
         "## Writing versions in the background (`weights_async_publish`)", "",
-        f"The learner's wall seconds per step, train + publish, over {steps} more steps of the same run at the "
-        "smallest learning rate: without publishing, with every version written before the next step "
+        "The learner's wall seconds per step, train + publish, over more steps of the same run at the smallest "
+        "learning rate: without publishing, with every version written before the next step "
         "(`weights_async_publish: false`), and written by the background thread while the next step trains (the "
-        "default; the last write waited for, so all the work is inside the time). The writer shares this "
-        "machine's two cores with training; on a GPU learner the step runs on the GPU and the write on the host.",
+        f"default). The five ways interleave: rounds of {ASYNC_BLOCK} steps of each, their order rotating every "
+        "round, so the step's own drift over the run falls on all of them; figures are medians over steady steps "
+        "(a background step from its block's second: it trains while the version before is written and waits for "
+        "that write if it is still running), `*_rounds` the range of the per-round figures. The writer shares "
+        "this machine's two cores with training; on a GPU learner the step runs on the GPU and the write on the "
+        "host.",
         "", *md_table(overlap), "",
         "## Host memory while versions publish and reload", "",
         f"Peak resident memory above the trained model while {MEMORY_VERSIONS} versions publish through the "

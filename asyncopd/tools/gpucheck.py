@@ -14,9 +14,9 @@ phase, so a run cut short leaves what it had measured.
   random-initialised on the device in the profile's dtype.
 - weights: the `filesystem` and `delta` transports on device tensors, in this process: AdamW steps of the pair's
   student (float32 master weights on the device) on random tokens, each version published in the served dtype
-  and followed into an HF engine on the device; publish, snapshot (the device-to-host copy an async publish
-  waits for; also timed with the cast on the host, as torch's cross-device copy does it) and reload seconds,
-  bytes, and a bit-exact comparison of the engine's weights with the trained ones.
+  and followed into an HF engine on the device; publish and reload seconds, bytes, a bit-exact comparison of
+  the engine's weights with the trained ones, and the snapshot an async publish waits for taken four ways
+  (`SNAPSHOTS`).
 - stack: Redis and the four services (`asyncopd.tools.localstack`), the HF engine on the device for rollout and
   teacher (the GPU machine has no vLLM), the learner's DeepSpeed on NCCL (gloo on cpu), the profile's dtype for
   engines, training and published versions.
@@ -89,14 +89,14 @@ class Profile:
 
 
 PROFILES = {
-    # One H200 (estimates, nothing measured yet): the example at ~0.2 s/step (the teacher scores sample by
-    # sample), HF decoding at ~10-30 ms per token at 0.5B shared by four rollout workers (no vLLM there), so a
-    # throughput step of 4 prompts x 256 tokens takes ~5-10 s; ~5-6 minutes in all, under the 8.
+    # One H200, as measured on 2026-11-30 (docs/results/gpu/): the example's 200 steps in 59 s; a throughput
+    # step of 16 samples x 256 tokens in 6-8.5 s (HF decoding, no vLLM there), 10 steps per job in 68-100 s (5
+    # gave ratios of 1.39 and, over 10, 1.18); the whole check ~5 minutes with the install, under the 8.
     "cuda": Profile(dtype="bfloat16", recipe="default", example_steps=200, eval_every=50, heldout_limit=256,
                     min_accuracy_gain=0.03, min_kl_drop=0.2, student="0.5b", teacher="1.5b", max_tokens=256,
-                    prompts_per_step=4, n=4, pair_steps=5, etas=(0, 2), rollouts=4, weights_versions=3,
-                    budgets={"env": 60, "models": 60, "pair": 90, "weights": 60, "stack": 120, "example": 150,
-                             "throughput": 210}),
+                    prompts_per_step=4, n=4, pair_steps=10, etas=(0, 2), rollouts=4, weights_versions=3,
+                    budgets={"env": 60, "models": 60, "pair": 90, "weights": 90, "stack": 120, "example": 150,
+                             "throughput": 300}),
     # This repository's 2-core machine, toy sizes: the same code paths on the CPU, bf16 and several rollout
     # workers included (DeepSpeed's bf16 optimizer, bf16 versions, prompts spread over workers).
     "cpu": Profile(dtype="bfloat16", recipe="default", example_steps=200, eval_every=50, heldout_limit=256,
@@ -340,19 +340,41 @@ def _params(s) -> tuple[int, int]:
     return 2 * s.vocab * s.hidden + s.hidden, s.layers * block
 
 
-def _snapshot_s(state: dict, dtype, where: str) -> float:
-    """Seconds for the served-dtype host copy a learner step waits for with weights_async_publish: cast on the
-    device (`served`), or on the host (torch's cross-device copy with a cast, as `served` did before the first GPU
-    run)."""
+# Ways of taking the snapshot a learner step waits for with weights_async_publish (the served-dtype copy the
+# background writer then encodes and writes); the first is what a publish does. The others are candidates for a
+# GPU learner, timed so that one GPU run can choose between them: `_snapshot_s`.
+SNAPSHOTS = ("device_cast", "host_cast", "pinned", "on_device")
+
+
+def _snapshot_s(state: dict, dtype, how: str) -> float | None:
+    """Seconds (synchronised) for one way of taking the snapshot, None where it does not apply (on a CPU):
+    - device_cast: `served`: cast on the device, then copied into new pageable host memory;
+    - host_cast: copied to the host in full precision and cast there (torch's cross-device copy with a cast:
+      `served` before the first GPU run);
+    - pinned: cast on the device, then copied into page-locked host memory (torch keeps freed page-locked blocks
+      for reuse, so versions after the first may find the first's);
+    - on_device: the served-dtype copy kept on the device, what a step would wait for if the writer made the
+      device-to-host copy (at the price of the model's served bytes in device memory)."""
     import torch
 
     from asyncopd.ml.weights.codec import served
 
+    cuda = any(t.is_cuda for t in state.values())
+    if how in ("pinned", "on_device") and not cuda:
+        return None
     t0 = time.perf_counter()
-    if where == "device":
+    if how == "device_cast":
         served(state, dtype, copy=True)
-    else:
+    elif how == "host_cast":
         {n: t.detach().to(torch.device("cpu"), dtype if t.is_floating_point() else t.dtype) for n, t in state.items()}
+    else:
+        kept = []
+        for t in state.values():
+            t = t.detach().to(dtype if t.is_floating_point() else t.dtype, copy=True)
+            if how == "pinned":
+                t = torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+            kept.append(t)
+        torch.cuda.synchronize()
     return time.perf_counter() - t0
 
 
@@ -401,11 +423,9 @@ def phase_weights(ctx: Context, deadline: float) -> str:
         sync()
         step_s = time.perf_counter() - t0
         state = model.state_dict()
-        # The A/B of the device-side cast in one run; which goes first alternates (the second may find the host
-        # pages the first freed).
-        order = ("device", "host") if version % 2 else ("host", "device")
-        cast_s = {where: _snapshot_s(state, DTYPES[dtype], where) for where in order}
-        snapshot_s, host_cast_s = cast_s["device"], cast_s["host"]
+        # Which goes first rotates by version (a later one may find host pages an earlier one freed).
+        order = SNAPSHOTS[version % len(SNAPSHOTS):] + SNAPSHOTS[:version % len(SNAPSHOTS)]
+        snapshots = {how: _snapshot_s(state, DTYPES[dtype], how) for how in order}
         for transport in FILE_TRANSPORTS:
             t0 = time.perf_counter()
             location = publishers[transport].publish(version, state, config_json)
@@ -423,8 +443,8 @@ def phase_weights(ctx: Context, deadline: float) -> str:
                 "dtype": dtype, "device": ctx.device,
                 "params_m": round(sum(t.numel() for t in state.values()) / 1e6, 1),
                 "bytes_mb": round(publishers[transport].last_bytes() / 1e6, 2), "train_step_s": round(step_s, 4),
-                "publish_s": round(publish_s, 4), "snapshot_s": round(snapshot_s, 4),
-                "snapshot_host_cast_s": round(host_cast_s, 4), "reload_s": round(reload_s, 4),
+                "publish_s": round(publish_s, 4), "reload_s": round(reload_s, 4),
+                **{f"snapshot_{how}_s": None if v is None else round(v, 4) for how, v in snapshots.items()},
                 "bit_exact": not wrong})
             log(f"weights {transport} v{version}: publish {publish_s:.3f} s, reload {reload_s:.3f} s, "
                 f"{publishers[transport].last_bytes() / 1e6:.1f} MB")
@@ -718,9 +738,12 @@ def write_files(ctx: Context) -> None:
         "## Weights transports", "", *_md_table(ctx.weights_rows), "",
         "In this process: a float32 master copy of the student trained by AdamW (lr 1e-5) on random tokens; each "
         "version published in the served dtype (publish_s: device-to-host cast and copy, encode, checksums, write, "
-        "rename; snapshot_s: the cast and copy alone, cast on the device; snapshot_host_cast_s: the same copied in "
-        "full precision and cast on the host) and loaded by that transport's follower into an HF engine on the "
-        "device (reload_s, synchronised); "
+        "rename) and loaded by that transport's follower into an HF engine on the device (reload_s, synchronised); "
+        "snapshot_*_s: the snapshot alone (the served-dtype copy a step waits for with weights_async_publish), "
+        "taken four ways: device_cast (what a publish does: cast on the device, copy into new pageable host "
+        "memory), host_cast (copy in full precision, cast on the host), pinned (cast on the device, copy into "
+        "page-locked host memory), on_device (a served-dtype copy kept on the device); the latter two only on "
+        "cuda. "
         "bit_exact: every tensor the engine holds equals the trained one cast to the served dtype.", "",
         "## Memory", "", *_md_table(memory), "",
         "gpu_peak_mib: nvidia-smi, sampled every 0.5 s while the phase or job ran (per process where nvidia-smi lists "

@@ -10,7 +10,8 @@ from services.learner.settings import LearnerSettings
 
 
 def init_distributed(settings: LearnerSettings) -> None:
-    """Join torchrun's group, or make a group of one; gloo on CPU without DeepSpeed's JIT-built shm op."""
+    """Join torchrun's group, or make a group of one; gloo on CPU without DeepSpeed's JIT-built shm op, NCCL on
+    this rank's GPU (LOCAL_RANK) otherwise."""
     if settings.device == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before the import, or DeepSpeed detects and warns
     import deepspeed
@@ -23,5 +24,12 @@ def init_distributed(settings: LearnerSettings) -> None:
 
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_port()))
+    if settings.device == "cuda":
+        import torch
+
+        # Before any collective: object collectives (the first is RankDriver's broadcast of a job's start, before
+        # DeepSpeed sets the device) and barriers run on the current device, GPU 0 in every process until set,
+        # so the ranks of a multi-GPU pod would all use GPU 0.
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="gloo" if settings.device == "cpu" else "nccl")

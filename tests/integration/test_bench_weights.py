@@ -42,6 +42,9 @@ def test_weights_bench_smoke_writes_its_report(tmp_path):
     overlap = list(csv.DictReader(open(out / "weights-async.csv")))
     assert {r["transport"] for r in overlap} == {"filesystem", "delta"}
     assert all(float(r["step_async_publish_s"]) > 0 and float(r["step_sync_publish_s"]) > 0 for r in overlap)
+    for r in overlap:  # interleaved rounds: the whole-run figure and the range of the per-round ones
+        low, high = map(float, r["async_overhead_pct_rounds"].split(".."))
+        assert int(r["rounds"]) >= 2 and low <= high, r
     assert float(rows["filesystem", "bfloat16"]["snapshot_s"]) > 0
     memory = {(r["side"], r["transport"]): r for r in csv.DictReader(open(out / "weights-memory.csv"))}
     assert set(memory) == {("learner (rank 0)", t) for t in ("filesystem", "delta", "nccl")} | {
