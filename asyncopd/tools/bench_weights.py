@@ -192,8 +192,11 @@ def async_overlap(size: str, params: int, run: TrainingRun, lr: float, steps: in
     from asyncopd.ml.weights.transports import setup_publisher
 
     ways = [(None, False)] + [(t, background) for t in ("filesystem", "delta") for background in (False, True)]
+    def prune(publisher, version: int, seconds: float) -> None:  # as the learner does (in the writer's time)
+        publisher.prune(version - 2)
+
     writers = {(t, b): BackgroundPublisher(setup_publisher(t, work / f"overlap-{size}-{t}-{b}", dtype="bfloat16",
-                                                           full_every=FULL_EVERY), background=b)
+                                                           full_every=FULL_EVERY), background=b, on_written=prune)
                for t, b in ways if t is not None}
     versions = dict.fromkeys(writers, 0)
     rounds = max(2, steps // 2)
