@@ -189,7 +189,7 @@ SIZES = {
     "0.5b": SizePreset(hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864, vocab=65536),
     "1.5b": SizePreset(hidden=1536, layers=28, heads=12, kv_heads=2, intermediate=8960, vocab=65536),
     # The GPU check's weights cost curve beyond the pair: Qwen2.5-3B's blocks (2048, 36 layers, 16 heads of 128,
-    # 2 kv heads, 11008): 3.09 B.
+    # 2 kv heads, 11008) with the pair's 64K vocabulary, untied: 3.04 B.
     "3b": SizePreset(hidden=2048, layers=36, heads=16, kv_heads=2, intermediate=11008, vocab=65536),
     # Their CPU rehearsal: the same roles at toy size.
     "pair-student": SizePreset(hidden=64, layers=2, heads=2, kv_heads=1, intermediate=128, vocab=512),

@@ -192,6 +192,7 @@ def async_overlap(size: str, params: int, run: TrainingRun, lr: float, steps: in
     from asyncopd.ml.weights.transports import setup_publisher
 
     ways = [(None, False)] + [(t, background) for t in ("filesystem", "delta") for background in (False, True)]
+
     def prune(publisher, version: int, seconds: float) -> None:  # as the learner does (in the writer's time)
         publisher.prune(version - 2)
 
